@@ -1,0 +1,79 @@
+"""Command-line entry point: ``pvhboot COMMAND ...``.
+
+Each command lives in ``pvhboot.commands.<name>`` and provides
+``register(subparsers)`` (argparse only, no heavy imports) and
+``run(args) -> int``. Heavy modules are imported inside ``run`` so that the
+boot path pays only for what it uses.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("inspect", "extract", "kconfig", "run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pvhboot",
+        description="Boot and inspect x86-64 Linux kernels through the PVH entry point.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"pvhboot.commands.{name}")
+        p = module.register(sub)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"pvhboot {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import PvhbootError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(_qemu_aliases(argv))
+    try:
+        status = args._module.run(args)
+    except PvhbootError as exc:
+        print(f"pvhboot: error: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("pvhboot: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # A reader such as `head` went away; that is not our failure.
+        sys.stderr.close()
+        return 0
+    except OSError as exc:
+        # Files that cannot be opened or written: one line, no traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"pvhboot: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    return int(status or 0)
+
+
+# QEMU spells these with one dash; people type them from muscle memory.
+_ALIASES = {"-kernel": "--kernel", "-initrd": "--initrd", "-append": "--cmdline", "-m": "--memory"}
+
+
+def _qemu_aliases(argv: list[str]) -> list[str]:
+    if "--" in argv:
+        cut = argv.index("--")
+        return [_ALIASES.get(a, a) for a in argv[:cut]] + argv[cut:]
+    return [_ALIASES.get(a, a) for a in argv]
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
