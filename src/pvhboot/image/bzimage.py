@@ -1,0 +1,261 @@
+"""bzImage setup header reader (Linux Documentation/arch/x86/boot.rst).
+
+A bzImage is real-mode setup code (``setup_sects`` 512-byte sectors after
+the boot sector) followed by protected-mode code: the decompressor plus a
+compressed ``vmlinux`` payload. The setup header at 0x1f1 says where
+everything is. This module only reads it; nothing here decompresses.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ..errors import ImageError
+
+# boot.rst "The real-mode kernel header": offsets into the file.
+SETUP_HEADER_OFFSET = 0x1F1
+OFF_SETUP_SECTS = 0x1F1  # u8, 0 means 4
+OFF_SYSSIZE = 0x1F4  # u32, protected-mode size in 16-byte paragraphs (2.04+)
+OFF_BOOT_FLAG = 0x1FE  # u16, 0xAA55
+OFF_JUMP = 0x200  # u8 0xEB + u8 offset: the header ends at 0x202 + that offset
+OFF_HEADER = 0x202  # "HdrS"
+OFF_VERSION = 0x206  # u16 protocol version
+OFF_KERNEL_VERSION = 0x20E  # u16, pointer (minus 0x200) to a NUL-terminated string
+OFF_LOADFLAGS = 0x211
+OFF_CODE32_START = 0x214
+OFF_INITRD_ADDR_MAX = 0x22C  # 2.03+
+OFF_KERNEL_ALIGNMENT = 0x230  # 2.05+
+OFF_RELOCATABLE = 0x234  # 2.05+
+OFF_XLOADFLAGS = 0x236  # 2.12+
+OFF_CMDLINE_SIZE = 0x238  # 2.06+
+OFF_PAYLOAD_OFFSET = 0x248  # 2.08+, relative to the protected-mode code
+OFF_PAYLOAD_LENGTH = 0x24C
+OFF_PREF_ADDRESS = 0x258  # 2.10+
+OFF_INIT_SIZE = 0x260
+OFF_HANDOVER_OFFSET = 0x264  # 2.11+
+HDRS_MAGIC = b"HdrS"
+BOOT_FLAG = 0xAA55
+SECTOR = 512
+DEFAULT_SETUP_SECTS = 4  # boot.rst: "if this field is 0, the real value is 4"
+DEFAULT_LOAD_ADDRESS = 0x100000  # code32_start default for a bzImage
+KERNEL_VERSION_BASE = 0x200
+MAX_VERSION_LEN = 512
+
+# boot.rst "loadflags".
+LOADED_HIGH = 1 << 0
+KASLR_FLAG = 1 << 1
+QUIET_FLAG = 1 << 5
+KEEP_SEGMENTS = 1 << 6
+CAN_USE_HEAP = 1 << 7
+LOADFLAG_NAMES = {
+    LOADED_HIGH: "LOADED_HIGH",
+    KASLR_FLAG: "KASLR_FLAG",
+    QUIET_FLAG: "QUIET_FLAG",
+    KEEP_SEGMENTS: "KEEP_SEGMENTS",
+    CAN_USE_HEAP: "CAN_USE_HEAP",
+}
+# boot.rst "xloadflags" (arch/x86/include/uapi/asm/bootparam.h).
+XLF_KERNEL_64 = 1 << 0
+XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+XLF_EFI_HANDOVER_32 = 1 << 2
+XLF_EFI_HANDOVER_64 = 1 << 3
+XLF_EFI_KEXEC = 1 << 4
+XLF_5LEVEL = 1 << 5
+XLF_5LEVEL_ENABLED = 1 << 6
+XLF_MEM_ENCRYPTION = 1 << 7
+XLOADFLAG_NAMES = {
+    XLF_KERNEL_64: "XLF_KERNEL_64",
+    XLF_CAN_BE_LOADED_ABOVE_4G: "XLF_CAN_BE_LOADED_ABOVE_4G",
+    XLF_EFI_HANDOVER_32: "XLF_EFI_HANDOVER_32",
+    XLF_EFI_HANDOVER_64: "XLF_EFI_HANDOVER_64",
+    XLF_EFI_KEXEC: "XLF_EFI_KEXEC",
+    XLF_5LEVEL: "XLF_5LEVEL",
+    XLF_5LEVEL_ENABLED: "XLF_5LEVEL_ENABLED",
+    XLF_MEM_ENCRYPTION: "XLF_MEM_ENCRYPTION",
+}
+# The 64-bit entry is 0x200 past the start of the protected-mode code (boot.rst "64-bit BOOT PROTOCOL").
+LINUX64_ENTRY_OFFSET = 0x200
+# PE/COFF: "MZ" DOS stub, e_lfanew at 0x3c, then "PE\0\0".
+MZ_MAGIC = b"MZ"
+OFF_E_LFANEW = 0x3C
+PE_MAGIC = b"PE\0\0"
+
+
+@dataclass
+class BzImageInfo:
+    protocol: int  # e.g. 0x20f
+    protocol_str: str  # "2.15"
+    setup_sects: int  # effective value (0 in the file means 4)
+    loadflags: int
+    xloadflags: int
+    pref_address: int
+    init_size: int
+    kernel_alignment: int
+    relocatable: bool
+    handover_offset: int
+    cmdline_size: int
+    initrd_addr_max: int
+    kernel_version: str | None
+    pm_offset: int  # file offset of the protected-mode code
+    pm_size: int  # bytes of protected-mode code in the file
+    payload_offset: int  # absolute file offset of the compressed payload
+    payload_length: int
+    codec: str | None
+    setup_header: bytes
+    is_pe: bool
+    code32_start: int = DEFAULT_LOAD_ADDRESS
+    syssize: int = 0
+
+    @property
+    def loadflag_names(self) -> list[str]:
+        return flag_names(self.loadflags, LOADFLAG_NAMES)
+
+    @property
+    def xloadflag_names(self) -> list[str]:
+        return flag_names(self.xloadflags, XLOADFLAG_NAMES)
+
+    @property
+    def load_address(self) -> int:
+        """Where a loader puts the protected-mode code.
+
+        A relocatable kernel asks for pref_address (boot.rst: "a relocating
+        bootloader should attempt to load at this address"); otherwise the
+        kernel must sit at code32_start (0x100000 by default).
+        """
+        if self.relocatable and self.pref_address:
+            return self.pref_address
+        return self.code32_start or DEFAULT_LOAD_ADDRESS
+
+    @property
+    def linux64_entry(self) -> int | None:
+        if self.xloadflags & XLF_KERNEL_64:
+            return self.load_address + LINUX64_ENTRY_OFFSET
+        return None
+
+    @property
+    def efi_handover_offset(self) -> int | None:
+        if self.xloadflags & (XLF_EFI_HANDOVER_32 | XLF_EFI_HANDOVER_64):
+            return self.handover_offset
+        return None
+
+
+def flag_names(value: int, names: dict[int, str]) -> list[str]:
+    out = [name for bit, name in names.items() if value & bit]
+    unknown = value & ~sum(names)
+    if unknown:
+        out.append(f"{unknown:#x}")
+    return out
+
+
+def is_bzimage(data) -> bool:
+    return len(data) >= OFF_HEADER + 4 and bytes(data[OFF_HEADER : OFF_HEADER + 4]) == HDRS_MAGIC
+
+
+def is_pe(data) -> bool:
+    """True when data is a PE image: "MZ" and a "PE\\0\\0" signature at e_lfanew."""
+    if len(data) < OFF_E_LFANEW + 4 or bytes(data[:2]) != MZ_MAGIC:
+        return False
+    (lfanew,) = struct.unpack_from("<I", data, OFF_E_LFANEW)
+    return lfanew <= len(data) - 4 and bytes(data[lfanew : lfanew + 4]) == PE_MAGIC
+
+
+def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
+    """Read the setup header of a bzImage held in bytes/memoryview/mmap."""
+    size = len(data)
+    if size < OFF_VERSION + 2:
+        raise ImageError(f"{what}: {size} bytes is too short for a bzImage setup header")
+    if bytes(data[OFF_HEADER : OFF_HEADER + 4]) != HDRS_MAGIC:
+        raise ImageError(f"{what}: no 'HdrS' magic at {OFF_HEADER:#x}; not a bzImage")
+    (boot_flag,) = struct.unpack_from("<H", data, OFF_BOOT_FLAG)
+    if boot_flag != BOOT_FLAG:
+        raise ImageError(f"{what}: boot_flag at {OFF_BOOT_FLAG:#x} is {boot_flag:#06x}, "
+                         f"not {BOOT_FLAG:#06x}; not a bzImage")
+    header_end = OFF_HEADER + data[OFF_JUMP + 1]
+    if header_end > size:
+        raise ImageError(f"{what}: setup header ends at {header_end:#x}, past the end of the "
+                         f"{size}-byte file; truncated")
+    (protocol,) = struct.unpack_from("<H", data, OFF_VERSION)
+    if protocol < 0x200:
+        raise ImageError(f"{what}: boot protocol {protocol:#x} predates 2.00; not a bzImage")
+
+    def field(off: int, fmt: str) -> int:
+        # Fields past the header this kernel declares read as 0 (older protocols).
+        n = struct.calcsize(fmt)
+        if off + n > header_end:
+            return 0
+        return struct.unpack_from("<" + fmt, data, off)[0]
+
+    raw_setup_sects = data[OFF_SETUP_SECTS]
+    setup_sects = raw_setup_sects or DEFAULT_SETUP_SECTS
+    pm_offset = (setup_sects + 1) * SECTOR
+    if pm_offset > size:
+        raise ImageError(f"{what}: setup code ({setup_sects} sectors) ends at {pm_offset:#x}, "
+                         f"past the end of the {size}-byte file; truncated")
+    syssize = field(OFF_SYSSIZE, "I") if protocol >= 0x204 else 0
+    pm_size = size - pm_offset
+    if syssize and syssize * 16 <= pm_size:
+        # Trailing data (signatures, padding) is not kernel code.
+        pm_size = syssize * 16
+    elif syssize and syssize * 16 > pm_size:
+        raise ImageError(f"{what}: header says {syssize * 16} bytes of protected-mode code "
+                         f"but the file holds {pm_size}; truncated")
+
+    payload_rel = field(OFF_PAYLOAD_OFFSET, "I")
+    payload_length = field(OFF_PAYLOAD_LENGTH, "I")
+    payload_offset = pm_offset + payload_rel if protocol >= 0x208 else 0
+    if protocol >= 0x208 and (payload_length or payload_rel):
+        if payload_offset > size or payload_length > size - payload_offset:
+            raise ImageError(
+                f"{what}: payload ({payload_length} bytes at file offset {payload_offset:#x}) "
+                f"lies outside the {size}-byte file; truncated or corrupt header")
+
+    codec = None
+    if payload_length:
+        codec = _detect_codec(data, payload_offset, payload_length)
+
+    return BzImageInfo(
+        protocol=protocol,
+        protocol_str=f"{protocol >> 8}.{protocol & 0xFF:02d}",
+        setup_sects=setup_sects,
+        loadflags=field(OFF_LOADFLAGS, "B"),
+        xloadflags=field(OFF_XLOADFLAGS, "H"),
+        pref_address=field(OFF_PREF_ADDRESS, "Q"),
+        init_size=field(OFF_INIT_SIZE, "I"),
+        kernel_alignment=field(OFF_KERNEL_ALIGNMENT, "I"),
+        relocatable=bool(field(OFF_RELOCATABLE, "B")),
+        handover_offset=field(OFF_HANDOVER_OFFSET, "I"),
+        cmdline_size=field(OFF_CMDLINE_SIZE, "I"),
+        initrd_addr_max=field(OFF_INITRD_ADDR_MAX, "I"),
+        kernel_version=_kernel_version(data, field(OFF_KERNEL_VERSION, "H"), pm_offset),
+        pm_offset=pm_offset,
+        pm_size=pm_size,
+        payload_offset=payload_offset,
+        payload_length=payload_length,
+        codec=codec,
+        setup_header=bytes(data[SETUP_HEADER_OFFSET:header_end]),
+        is_pe=is_pe(data),
+        code32_start=field(OFF_CODE32_START, "I") or DEFAULT_LOAD_ADDRESS,
+        syssize=syssize,
+    )
+
+
+def _kernel_version(data, pointer: int, limit: int) -> str | None:
+    """The version string that kernel_version points at, inside the setup code."""
+    if not pointer:
+        return None
+    start = pointer + KERNEL_VERSION_BASE
+    if start >= limit:
+        return None
+    chunk = bytes(data[start : min(limit, start + MAX_VERSION_LEN)])
+    text = chunk.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    return text or None
+
+
+def _detect_codec(data, offset: int, length: int) -> str | None:
+    # compression.py belongs to the codecs helper; import lazily so a header-only
+    # parse stays cheap.
+    from .compression import detect_codec
+
+    # Magics are a few bytes; 64 covers every codec's header.
+    return detect_codec(bytes(data[offset : offset + min(length, 64)]))
