@@ -234,22 +234,20 @@ class Layout:
                     self.regions.append(region)
                     return region
                 top = other.addr  # try just below whatever is in the way
-        highest = max(
-            (reg.end for reg in self.regions if HIGH_RAM_START <= reg.addr < limit),
-            default=HIGH_RAM_START,
-        )
-        need = align_up(align_up(highest, align) + size, MIB)
-        available = max(0, self._ram_end_below(limit) - align_up(highest, align))
-        add = max(need - self.memory_size, MIB) if need > self.memory_size else MIB
-        suggestion = (
-            f"give the guest at least {need // MIB}M (--memory {need // MIB}M, "
-            f"{fmt_size(align_up(add, MIB))} more)"
-            if need <= limit
-            else f"use a smaller {name}: it must fit below {limit:#x}"
-        )
+        below_limit = [reg for reg in self.regions if HIGH_RAM_START <= reg.addr < limit]
+        last = max(below_limit, key=lambda reg: reg.end, default=None)
+        highest = align_up(last.end if last else HIGH_RAM_START, align)
+        after = f"{last.name} (ends {last.end:#x})" if last else f"{HIGH_RAM_START:#x}"
+        need = align_up(highest + size, MIB)
+        available = max(0, self._ram_end_below(limit) - highest)
+        if need <= limit:
+            more = fmt_size(align_up(max(need - self.memory_size, MIB), MIB))
+            suggestion = f"give the guest at least {need // MIB}M (--memory {need // MIB}M, {more} more)"
+        else:
+            suggestion = f"use a smaller {name}: it must fit below {fmt_size(limit)}"
         raise BootError(
-            f"{name} ({fmt_size(size)}) does not fit in guest RAM below {limit:#x}: "
-            f"{fmt_size(available)} free above the last region ({highest:#x}); {suggestion}"
+            f"{name} ({fmt_size(size)}) does not fit in guest RAM ({fmt_size(self.memory_size)}): "
+            f"{fmt_size(available)} free above {after}; {suggestion}"
         )
 
     def describe(self) -> list[str]:
