@@ -1,0 +1,291 @@
+"""The seven payload codecs, checked against the real compressor CLIs.
+
+Streams are made by the same tools (and options) Linux's scripts/Makefile.lib
+uses, with Linux's 4-byte size trailer appended; the decoded bytes must be
+exactly the input. Corrupt, truncated and oversized streams must fail with a
+CodecError naming the codec.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+import subprocess
+import zlib
+
+import pytest
+
+from pvhboot.errors import CodecError
+from pvhboot.image.compression import (
+    CODECS,
+    LZ4_LEGACY_BLOCK,
+    decompress_bytes,
+    decompress_to,
+    detect_codec,
+)
+
+# codec -> compressor command reading stdin and writing stdout, as Linux runs it
+CLI = {
+    "gzip": ["gzip", "-n", "-9", "-c"],
+    "bzip2": ["bzip2", "-9", "-c"],
+    "lzma": ["lzma", "-9", "-c"],
+    "xz": ["xz", "--check=crc32", "--x86", "--lzma2=,dict=32MiB", "-c"],
+    "lzo": ["lzop", "-9", "-c"],
+    "lz4": ["lz4", "-l", "-9", "-c"],
+    "zstd": ["zstd", "-19", "-q", "-c"],
+}
+LIMIT = 1 << 30
+
+
+def _cli(cmd: list[str], data: bytes) -> bytes:
+    if shutil.which(cmd[0]) is None:
+        pytest.skip(f"{cmd[0]} is not installed")
+    return subprocess.run(cmd, input=data, capture_output=True, check=True).stdout
+
+
+def _sample(size: int, seed: int) -> bytes:
+    """Compressible but not trivial data: random 'words' from a small vocabulary."""
+    rng = random.Random(seed)
+    words = [rng.randbytes(rng.randint(2, 12)) for _ in range(3000)]
+    out = bytearray()
+    while len(out) < size:
+        out += b" ".join(rng.choices(words, k=20000))
+    return bytes(out[:size])
+
+
+def _trailer(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "little")
+
+
+@pytest.fixture(scope="module")
+def sample() -> bytes:
+    return _sample(3 << 20, 1)
+
+
+@pytest.fixture(scope="module")
+def streams(sample) -> dict[str, bytes]:
+    return {codec: _cli(cmd, sample) + _trailer(sample) for codec, cmd in CLI.items()}
+
+
+def test_codec_list_is_linux_seven():
+    assert CODECS == ("gzip", "bzip2", "lzma", "xz", "lzo", "lz4", "zstd")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_round_trip_against_cli(codec, sample, streams):
+    stream = streams[codec]
+    assert detect_codec(stream) == codec
+    out = io.BytesIO()
+    n = decompress_to(codec, stream, out, max_output=LIMIT)
+    assert n == len(sample)
+    assert out.getvalue() == sample
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_mmap_and_memoryview_sources(codec, sample, streams, tmp_path):
+    import mmap
+
+    path = tmp_path / "s"
+    path.write_bytes(streams[codec])
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        assert decompress_bytes(codec, m, max_output=LIMIT) == sample
+        assert decompress_bytes(codec, memoryview(m)[: len(m)], max_output=LIMIT) == sample
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("keep", [0.5, 0.9, "minus9"])
+def test_truncated_stream_is_an_error(codec, keep, streams):
+    stream = streams[codec]
+    cut = len(stream) - 9 if keep == "minus9" else int(len(stream) * keep)
+    with pytest.raises(CodecError, match=codec):
+        decompress_bytes(codec, stream[:cut], max_output=LIMIT)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bzip2", "lzma", "xz", "lzo", "zstd"])
+def test_corrupt_stream_is_an_error(codec, streams):
+    # Every codec but lz4 carries a checksum or a strict structure; smash a
+    # run of bytes in the middle of the data.
+    stream = bytearray(streams[codec])
+    mid = len(stream) // 2
+    stream[mid : mid + 64] = bytes(b ^ 0x5A for b in stream[mid : mid + 64])
+    with pytest.raises(CodecError, match=codec):
+        decompress_bytes(codec, bytes(stream), max_output=LIMIT)
+
+
+def test_lz4_corrupt_block_size_is_an_error(streams):
+    stream = bytearray(streams["lz4"])
+    stream[4:8] = (0x7FFFFFFF).to_bytes(4, "little")
+    with pytest.raises(CodecError, match="lz4 stream is corrupt"):
+        decompress_bytes("lz4", bytes(stream), max_output=LIMIT)
+
+
+def test_lz4_corrupt_block_data_is_an_error(streams):
+    stream = bytearray(streams["lz4"])
+    # Make the first sequence's match offset point before the output start.
+    stream[8:40] = b"\x0f" + b"\xff" * 31
+    with pytest.raises(CodecError, match="lz4"):
+        decompress_bytes("lz4", bytes(stream), max_output=LIMIT)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_max_output_is_enforced(codec, sample, streams):
+    with pytest.raises(CodecError, match=f"{codec} stream decompresses to more than"):
+        decompress_bytes(codec, streams[codec], max_output=len(sample) - 1)
+    assert len(decompress_bytes(codec, streams[codec], max_output=len(sample))) == len(sample)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_garbage_and_empty_inputs(codec):
+    for junk in (b"", b"\x00" * 3, bytes(range(256)) * 4):
+        with pytest.raises(CodecError, match=codec):
+            decompress_bytes(codec, junk, max_output=LIMIT)
+
+
+def test_unknown_codec_lists_known_ones():
+    with pytest.raises(CodecError, match="known codecs are gzip, bzip2"):
+        decompress_bytes("brotli", b"x", max_output=10)
+
+
+def test_detect_codec():
+    assert detect_codec(b"BZh9" + b"x" * 10) == "bzip2"
+    assert detect_codec(b"BZhx") is None
+    assert detect_codec(b"\x7fELF") is None
+    assert detect_codec(b"") is None
+    assert detect_codec(memoryview(b"\x28\xb5\x2f\xfd\x00")) == "zstd"
+
+
+def test_lz4_legacy_multi_block():
+    data = _sample(LZ4_LEGACY_BLOCK * 2 + 12345, 2)
+    stream = _cli(["lz4", "-l", "-1", "-c"], data)
+    # Three legacy blocks: the 4-byte size of the second follows the first.
+    first = int.from_bytes(stream[4:8], "little")
+    assert int.from_bytes(stream[8 + first : 12 + first], "little") > 0
+    assert decompress_bytes("lz4", stream + _trailer(data), max_output=LIMIT) == data
+    # Concatenated legacy frames (lz4 -l on two files) form one stream.
+    two = stream + stream
+    assert decompress_bytes("lz4", two, max_output=LIMIT) == data + data
+    # A newer frame's magic ends the legacy stream.
+    assert decompress_bytes("lz4", stream + b"\x04\x22\x4d\x18junk", max_output=LIMIT) == data
+
+
+def test_zstd_without_content_size(sample):
+    for cmd in (["zstd", "-q", "-c", "--no-content-size"], ["zstd", "-q", "-c", "-"]):
+        stream = _cli(cmd, sample)
+        import zstandard
+
+        assert zstandard.frame_content_size(stream) == -1  # really absent
+        assert decompress_bytes("zstd", stream + _trailer(sample), max_output=LIMIT) == sample
+
+
+def test_zstd_reserved_block_type_is_an_error(streams):
+    stream = bytearray(streams["zstd"])
+    import zstandard
+
+    header = zstandard.frame_header_size(bytes(stream[:18]))
+    stream[header] |= 0x06  # Block_Type 3 (reserved)
+    with pytest.raises(CodecError, match="zstd stream is corrupt"):
+        decompress_bytes("zstd", bytes(stream), max_output=LIMIT)
+
+
+# --- lzo: lzop's checksum variants --------------------------------------------
+
+
+def test_lzo_crc32_checksums(sample):
+    stream = _cli(["lzop", "-9", "--crc32", "-c"], sample)
+    flags = int.from_bytes(stream[0x11:0x15], "big")
+    assert flags & 0x1100 == 0x1100  # F_H_CRC32 | F_CRC32_D
+    assert decompress_bytes("lzo", stream + _trailer(sample), max_output=LIMIT) == sample
+
+
+def _lzop_stream(data: bytes, flags: int, block: int = 256 << 10) -> bytes:
+    """An lzop 1.04-style stream with the given checksum flags, built here so
+    that the compressed-data checksums (which the CLI never writes) are covered."""
+    from lzallright import LZOCompressor
+
+    comp = LZOCompressor()
+    header = (
+        (0x1040).to_bytes(2, "big")  # version
+        + (0x20A0).to_bytes(2, "big")  # library version
+        + (0x0940).to_bytes(2, "big")  # version needed to extract
+        + bytes([1, 5])  # method M_LZO1X_1, level
+        + flags.to_bytes(4, "big")
+        + (0o100644).to_bytes(4, "big")  # mode
+        + (0).to_bytes(4, "big")  # mtime low
+        + (0).to_bytes(4, "big")  # mtime high
+        + b"\x00"  # no name
+    )
+    check = zlib.crc32(header) if flags & 0x1000 else zlib.adler32(header)
+    out = bytearray(b"\x89LZO\x00\r\n\x1a\n" + header + check.to_bytes(4, "big"))
+    for i in range(0, len(data), block):
+        raw = data[i : i + block]
+        packed = comp.compress(raw)
+        stored = len(packed) >= len(raw)
+        payload = raw if stored else packed
+        out += len(raw).to_bytes(4, "big") + len(payload).to_bytes(4, "big")
+        if flags & 0x1:
+            out += zlib.adler32(raw).to_bytes(4, "big")
+        if flags & 0x100:
+            out += zlib.crc32(raw).to_bytes(4, "big")
+        if not stored:
+            if flags & 0x2:
+                out += zlib.adler32(payload).to_bytes(4, "big")
+            if flags & 0x200:
+                out += zlib.crc32(payload).to_bytes(4, "big")
+        out += payload
+    out += bytes(4)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("flags", [0x0, 0x1, 0x3, 0x300, 0x1303])
+def test_lzo_checksum_flags(flags):
+    data = _sample(700_000, 3) + random.Random(4).randbytes(300_000)  # last block is stored
+    stream = _lzop_stream(data, flags)
+    assert decompress_bytes("lzo", stream + _trailer(data), max_output=LIMIT) == data
+    if flags & 0x202:  # a compressed-data checksum: flip a byte in the first block's data
+        bad = bytearray(stream)
+        bad[-1 - len(data) // 2] ^= 0xFF
+        with pytest.raises(CodecError, match="lzo"):
+            decompress_bytes("lzo", bytes(bad), max_output=LIMIT)
+
+
+def test_lzo_bad_header_checksum(streams):
+    stream = bytearray(streams["lzo"])
+    stream[0x19] ^= 1  # inside the mode field
+    with pytest.raises(CodecError, match="lzo stream header checksum is wrong"):
+        decompress_bytes("lzo", bytes(stream), max_output=LIMIT)
+
+
+def test_lzo_absurd_block_length(streams):
+    data = b"abc" * 1000
+    stream = bytearray(_lzop_stream(data, 0))
+    first = stream.index(len(data).to_bytes(4, "big"))
+    stream[first : first + 4] = (0xFFFFFFF0).to_bytes(4, "big")
+    with pytest.raises(CodecError, match="lzo stream is corrupt: block 0 claims"):
+        decompress_bytes("lzo", bytes(stream), max_output=LIMIT)
+
+
+# --- bombs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bzip2", "xz", "zstd", "lz4"])
+def test_bomb_stops_at_the_limit_in_bounded_chunks(codec):
+    zeros = bytes(64 << 20)
+    stream = _cli(CLI[codec], zeros)
+
+    class Counting(io.RawIOBase):
+        biggest = 0
+        total = 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            Counting.biggest = max(Counting.biggest, len(b))
+            Counting.total += len(b)
+            return len(b)
+
+    with pytest.raises(CodecError, match="more than the limit of 16777216"):
+        decompress_to(codec, stream, Counting(), max_output=16 << 20)
+    assert Counting.total <= 16 << 20
+    assert Counting.biggest <= 8 << 20  # output leaves in bounded chunks
