@@ -156,3 +156,22 @@ def test_large_memory_map_has_high_ram(kernel):
     si = pvh.hvm_start_info.from_buffer_copy(_chunk(plan, "hvm_start_info").source)
     assert si.memmap_entries == 4
     assert plan.memory_map[-1].addr == 4 * layout.GIB
+
+
+def test_describe_text_and_json(kernel):
+    import json
+
+    from pvhboot.boot.describe import format_plan, plan_to_json
+
+    elf, path = kernel
+    plan = pvh.plan_pvh(elf, path, initrd=None, cmdline="quiet", memory_size=128 * MIB)
+    text = format_plan(plan)
+    assert "protocol: pvh" in text
+    assert "kernel segment 1" in text and "zero-filled" in text and path in text
+    assert f"rip={elf.pvh_entry:#x}" in text and "rbx=0x3000" in text
+    assert "reserved" in text and "usable" in text
+    data = json.loads(json.dumps(plan_to_json(plan)))
+    assert data["protocol"] == "pvh"
+    assert data["cpu"]["rbx"] == layout.START_INFO_ADDR
+    assert data["cpu"]["cs"]["selector"] == 0x08
+    assert data["chunks"][-1]["source"] == {"file": path, "offset": 0x2000, "length": 0x800}
