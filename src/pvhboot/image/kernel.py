@@ -1,0 +1,323 @@
+"""What is this kernel file? One entry point for every format pvhboot reads.
+
+``open_image(path)`` recognises, in this order:
+
+- an ELF (``vmlinux``, ``xen-syms``): format ``"elf"``;
+- a bzImage, "HdrS" at 0x202 (also when it is a PE/EFI image): ``"bzimage"``;
+- a PE image that is not a bzImage: ``"pe"``;
+- a whole file compressed with one of Linux's codecs that holds an ELF
+  (``vmlinux.gz``, ``xen.gz``): ``"compressed-elf"``.
+
+For a bzImage (and a compressed ELF) it decompresses the payload in memory,
+unless ``load_payload=False``, and reports the payload ELF's facts. The
+``--json`` schema of :meth:`KernelImage.to_json` is documented in
+docs/inspect-json.md; change it only together with that file and
+``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+
+from ..errors import ImageError
+from .bzimage import BzImageInfo, is_bzimage, is_pe, parse_bzimage
+from .elf import EM_X86_64, PT_LOAD, ElfInfo, is_elf, parse_elf
+
+SCHEMA_VERSION = 1
+# Decompressed payloads are held in memory; no real vmlinux is near this, and
+# a corrupt size or a bomb stops here instead of exhausting the host.
+MAX_PAYLOAD = 512 << 20
+BANNER_PREFIX = b"Linux version "  # init/version.c linux_banner
+MAX_BANNER = 512
+
+
+@dataclass
+class EntryPoints:
+    pvh: int | None = None  # 32-bit physical entry (Xen note 18)
+    linux64: int | None = None  # 64-bit boot protocol entry (physical)
+    xen_pv: int | None = None  # XEN_ELFNOTE_ENTRY (virtual)
+    efi_handover: int | None = None  # handover_offset, relative to the protected-mode code
+    efi_pe: bool = False  # the file is a PE image firmware can start
+
+    def to_json(self) -> dict:
+        return {
+            "pvh": self.pvh,
+            "linux64": self.linux64,
+            "xen_pv": self.xen_pv,
+            "efi_handover": self.efi_handover,
+            "efi_pe": self.efi_pe,
+        }
+
+
+@dataclass
+class KernelImage:
+    path: str
+    format: str  # "elf" | "bzimage" | "pe" | "compressed-elf"
+    compression: str | None
+    kernel_version: str | None
+    entry_points: EntryPoints
+    pvh_capable: bool | None
+    elf: ElfInfo | None = None
+    bzimage: BzImageInfo | None = None
+    pe: object | None = None  # pe.PeInfo for any PE image (bzImage with EFI stub included)
+    size: int = 0
+    payload_size: int | None = None  # bytes of the decompressed ELF, when read
+    _payload: bytes | None = field(default=None, repr=False)
+    _raw: bytes | None = field(default=None, repr=False)  # for images not read from a file
+    _config: object = field(default=False, repr=False)  # False = not searched yet
+
+    @property
+    def kernel_release(self) -> str | None:
+        """The first word of the version (``uname -r``), e.g. ``6.1.0-56-amd64``."""
+        return self.kernel_version.split()[0] if self.kernel_version else None
+
+    def config_text(self) -> str | None:
+        """The embedded .config (CONFIG_IKCONFIG), or None when the image has none.
+
+        Searches the raw file first, then the decompressed payload. A bzImage
+        opened with load_payload=False only has its raw bytes searched.
+        """
+        if self._config is False:
+            from .ikconfig import find_config
+
+            text = None
+            if self._raw is not None:
+                text = find_config(self._raw)
+            else:
+                with _map(self.path) as mm:
+                    text = find_config(mm)
+            if text is None and self._payload is not None:
+                text = find_config(self._payload)
+            self._config = text
+        return self._config
+
+    @property
+    def config_embedded(self) -> bool | None:
+        """True/False, or None when the answer is inside a payload that was not read."""
+        if self.config_text() is not None:
+            return True
+        if self.format in ("bzimage", "compressed-elf") and self._payload is None:
+            return None
+        return False
+
+    def to_json(self) -> dict:
+        elf = self.elf
+        bz = self.bzimage
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "path": self.path,
+            "format": self.format,
+            "size": self.size,
+            "compression": self.compression,
+            "boot_protocol": bz.protocol_str if bz else None,
+            "kernel_version": self.kernel_version,
+            "kernel_release": self.kernel_release,
+            "entry_points": self.entry_points.to_json(),
+            "pvh_capable": self.pvh_capable,
+            "config_embedded": self.config_embedded,
+            "elf": None if elf is None else {
+                "class": elf.elf_class,
+                "machine": elf.machine,
+                "entry": elf.entry,
+                "entry_paddr": elf.entry_paddr,
+                "size": elf.size,
+            },
+            "load_segments": [] if elf is None else [
+                {"paddr": s.paddr, "vaddr": s.vaddr, "offset": s.offset,
+                 "filesz": s.filesz, "memsz": s.memsz, "flags": _pflags(s.flags)}
+                for s in elf.segments if s.type == PT_LOAD
+            ],
+            "notes": [] if elf is None else [
+                {"owner": n.owner, "type": n.type, "type_name": n.type_name,
+                 "desc": n.desc.hex()}
+                for n in elf.notes
+            ],
+            "bzimage": None if bz is None else {
+                "protocol": bz.protocol,
+                "setup_sects": bz.setup_sects,
+                "loadflags": bz.loadflag_names,
+                "xloadflags": bz.xloadflag_names,
+                "pref_address": bz.pref_address,
+                "load_address": bz.load_address,
+                "init_size": bz.init_size,
+                "kernel_alignment": bz.kernel_alignment,
+                "relocatable": bz.relocatable,
+                "handover_offset": bz.handover_offset,
+                "cmdline_size": bz.cmdline_size,
+                "initrd_addr_max": bz.initrd_addr_max,
+                "pm_offset": bz.pm_offset,
+                "pm_size": bz.pm_size,
+                "payload_offset": bz.payload_offset,
+                "payload_length": bz.payload_length,
+                "is_pe": bz.is_pe,
+            },
+        }
+
+
+def _pflags(flags: int) -> str:
+    return "".join(c if flags & bit else "-" for c, bit in (("R", 4), ("W", 2), ("X", 1)))
+
+
+class _map:
+    """Read-only mmap of a file as a context manager; ImageError for an empty file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.mm = None
+
+    def __enter__(self):
+        with open(self.path, "rb") as f:
+            try:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError:
+                raise ImageError(f"{self.path}: the file is empty; not a kernel image") from None
+        return self.mm
+
+    def __exit__(self, *exc):
+        self.mm.close()
+
+
+def open_image(path, *, load_payload: bool = True) -> KernelImage:
+    """Identify the kernel image at ``path`` and collect its facts.
+
+    load_payload=False reads headers only: no decompression, so a bzImage's
+    payload ELF (elf, pvh entry, pvh_capable) stays unknown (None).
+    """
+    path = str(path)
+    with _map(path) as mm:
+        return image_from_buffer(mm, path, load_payload=load_payload, _keep_raw=False)
+
+
+def image_from_buffer(data, path: str = "<memory>", *, load_payload: bool = True,
+                      _keep_raw: bool = True) -> KernelImage:
+    """open_image over bytes or an mmap (tests and fuzzing use bytes)."""
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    size = len(data)
+    if size == 0:
+        raise ImageError(f"{path}: the file is empty; not a kernel image")
+    raw = data if _keep_raw else None
+    if is_elf(data):
+        img = _from_elf(parse_elf(data, what=path), path, "elf", None, data)
+    elif is_bzimage(data):
+        img = _from_bzimage(data, path, load_payload)
+    elif is_pe(data):
+        from .pe import parse_pe
+
+        pe = parse_pe(data, what=path)
+        img = KernelImage(path, "pe", None, None, EntryPoints(efi_pe=True), False, pe=pe)
+    else:
+        img = _from_compressed(data, path, load_payload)
+    img.size = size
+    img._raw = raw
+    return img
+
+
+def _from_elf(elf: ElfInfo, path: str, fmt: str, codec: str | None, data) -> KernelImage:
+    entries = EntryPoints(
+        pvh=elf.pvh_entry,
+        # Only a 64-bit x86 ELF offers the 64-bit entry; a 32-bit ELF's e_entry is not one.
+        linux64=elf.entry_paddr if elf.elf_class == 64 and elf.machine == EM_X86_64 else None,
+        xen_pv=elf.xen_pv_entry,
+    )
+    return KernelImage(path, fmt, codec, _banner_version(data), entries,
+                       elf.pvh_entry is not None, elf=elf, payload_size=elf.size)
+
+
+def _banner_version(data) -> str | None:
+    """The version from linux_banner ("Linux version 6.1.0 (...) ..."), if the ELF has one."""
+    at = data.find(BANNER_PREFIX)
+    if at < 0:
+        return None
+    chunk = bytes(data[at + len(BANNER_PREFIX) : at + len(BANNER_PREFIX) + MAX_BANNER])
+    # Format strings such as "Linux version %s" also match; a banner starts with a digit.
+    line = chunk.split(b"\n", 1)[0].split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    if not line[:1].isdigit():
+        return None
+    return line
+
+
+def _from_bzimage(data, path: str, load_payload: bool) -> KernelImage:
+    bz = parse_bzimage(data, what=path)
+    pe = None
+    if bz.is_pe:
+        from .pe import parse_pe
+
+        try:
+            pe = parse_pe(data, what=path)
+        except ImageError:
+            pe = None
+    entries = EntryPoints(
+        linux64=bz.linux64_entry,
+        efi_handover=bz.efi_handover_offset,
+        efi_pe=bz.is_pe,
+    )
+    img = KernelImage(path, "bzimage", bz.codec, bz.kernel_version, entries, None,
+                      bzimage=bz, pe=pe)
+    if not load_payload or not bz.payload_length:
+        if not bz.payload_length:
+            # Protocol < 2.08 or no payload field: nothing to look into.
+            img.pvh_capable = False if load_payload else None
+        return img
+    payload = decompress_payload(data, bz, path)
+    elf = parse_elf(payload, what=f"{path}: payload ELF")
+    img.elf = elf
+    img._payload = payload
+    img.payload_size = len(payload)
+    entries.pvh = elf.pvh_entry
+    entries.xen_pv = elf.xen_pv_entry
+    img.pvh_capable = elf.pvh_entry is not None
+    return img
+
+
+def payload_view(data, bz: BzImageInfo, path: str = "bzImage"):
+    """The compressed payload as a memoryview of ``data`` (no copy) and its codec."""
+    if not bz.payload_length:
+        raise ImageError(f"{path}: the setup header declares no payload "
+                         f"(boot protocol {bz.protocol_str}; 2.08+ needed)")
+    if bz.codec is None:
+        head = bytes(data[bz.payload_offset : bz.payload_offset + 4]).hex()
+        raise ImageError(f"{path}: payload at {bz.payload_offset:#x} starts with {head}, "
+                         "which is no codec Linux uses (gzip bzip2 lzma xz lzo lz4 zstd)")
+    return memoryview(data)[bz.payload_offset : bz.payload_offset + bz.payload_length]
+
+
+def decompress_payload(data, bz: BzImageInfo, path: str) -> bytes:
+    from .compression import decompress_bytes
+
+    view = payload_view(data, bz, path)
+    try:
+        payload = decompress_bytes(bz.codec, view, max_output=MAX_PAYLOAD)
+    finally:
+        view.release()
+    if not is_elf(payload):
+        raise ImageError(f"{path}: the {bz.codec} payload does not decompress to an ELF "
+                         "(no \\x7fELF magic); not a Linux bzImage payload")
+    return payload
+
+
+def _from_compressed(data, path: str, load_payload: bool) -> KernelImage:
+    from .compression import decompress_bytes, detect_codec
+
+    codec = detect_codec(data[:16])
+    if codec is None:
+        raise ImageError(f"{path}: not a kernel image: no ELF magic, no bzImage 'HdrS' header, "
+                         "no PE header and no known compression magic")
+    if not load_payload:
+        return KernelImage(path, "compressed-elf", codec, None, EntryPoints(), None)
+    view = memoryview(data)
+    try:
+        inner = decompress_bytes(codec, view, max_output=MAX_PAYLOAD)
+    finally:
+        view.release()
+    if not is_elf(inner):
+        raise ImageError(f"{path}: {codec} data that does not decompress to an ELF; "
+                         "not a compressed kernel")
+    img = _from_elf(parse_elf(inner, what=f"{path}: decompressed ELF"), path,
+                    "compressed-elf", codec, inner)
+    img._payload = inner
+    return img
+
+
+__all__ = ["EntryPoints", "KernelImage", "open_image", "image_from_buffer"]
