@@ -1,11 +1,135 @@
-"""`pvhboot run`: placeholder until its issue lands."""
+"""`pvhboot run`: boot a kernel on KVM (PVH, or the Linux 64-bit protocol).
+
+``register`` only declares arguments: ``pvhboot.cli`` imports every command
+to build its parser, and this module is on the boot path, so nothing heavy
+is imported at module level. ``run`` hands everything to ``pvhboot.api``.
+"""
+
+
+def _seconds(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _memory(text: str) -> str:
+    import argparse
+
+    from ..errors import UsageError
+    from ..machine.memory import parse_memory_size
+
+    try:
+        parse_memory_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def register(sub):
-    return sub.add_parser("run", help="(not implemented yet)")
+    p = sub.add_parser(
+        "run",
+        help="boot a kernel on KVM",
+        description="Boot a kernel (ELF vmlinux or bzImage) on KVM, with a serial console on "
+        "stdout. Exit status: 0 when the guest resets or powers off, the debug-exit code "
+        "when it writes port 0xf4, 124 on --timeout, 1 on a fault.",
+    )
+    p.add_argument("--kernel", required=True, metavar="PATH", help="vmlinux or bzImage")
+    p.add_argument("--initrd", metavar="PATH", help="initramfs (module 0 / ramdisk)")
+    p.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
+    p.add_argument(
+        "--memory", default="128M", type=_memory, metavar="SIZE", help="guest RAM (default 128M)"
+    )
+    p.add_argument("--timeout", type=_seconds, metavar="SEC", help="stop after SEC seconds (124)")
+    p.add_argument("--console-log", metavar="FILE", help="write the console here, not stdout")
+    p.add_argument(
+        "--boot",
+        default="auto",
+        choices=("auto", "pvh", "linux"),
+        help="entry point: auto (default), pvh, or linux (64-bit boot protocol)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="do not use the vmlinux cache")
+    p.add_argument(
+        "--no-host-quirks", action="store_true", help="do not apply this host's KVM workarounds"
+    )
+    p.add_argument("--system-map", metavar="FILE", help="System.map, to name symbols in faults")
+    p.add_argument("--stop-on", metavar="REGEX", help="end (status 0) when the console matches")
+    p.add_argument("--timeline", action="store_true", help="print boot phase times at exit")
+    p.add_argument("--dry-run", action="store_true", help="print the boot plan and exit")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    p.add_argument("--quiet", action="store_true", help="no pvhboot lines on stderr")
+    return p
 
 
 def run(args) -> int:
-    from ..errors import UsageError
+    import sys
 
-    raise UsageError("'run' is not implemented yet")
+    from ..api import Machine
+
+    machine = Machine(
+        kernel=args.kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        memory=args.memory,
+        boot=args.boot,
+        timeout=args.timeout,
+        console_log=args.console_log,
+        capture_console=False,
+        echo_console=args.console_log is None,
+        host_quirks=not args.no_host_quirks,
+        use_cache=not args.no_cache,
+        system_map=args.system_map,
+        stop_on=args.stop_on,
+        quiet=args.quiet,
+    )
+    if args.dry_run:
+        plan = machine.plan()
+        if args.json:
+            import json
+
+            from ..boot.describe import plan_to_json
+
+            print(json.dumps(plan_to_json(plan), indent=2))
+        else:
+            from ..boot.describe import format_plan
+
+            if not args.quiet and machine.prepared.message:
+                print(f"pvhboot: {machine.prepared.message}", file=sys.stderr)
+            print(format_plan(plan))
+        return 0
+
+    with _terminal(args.console_log is None):
+        result = machine.run()
+    fault = result.reason not in ("reset", "poweroff", "console-match", "debug-exit", "timeout")
+    if result.message and (fault or (result.status != 0 and not args.quiet)):
+        print(f"pvhboot: {result.message}", file=sys.stderr)
+    if result.detail:
+        print(result.detail, file=sys.stderr)
+    if args.timeline:
+        from ..machine.timeline import format_timeline
+
+        print(format_timeline(result.timeline), file=sys.stderr)
+    return result.status
+
+
+class _terminal:
+    """Raw mode and a stdin reader while the guest runs, when stdin is a TTY.
+
+    machine/console.py (devices helper) does the work; while it is absent,
+    or stdin is not a terminal, this does nothing.
+    """
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.ctx = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

@@ -1,0 +1,346 @@
+"""The Python API: ``Machine(kernel=...).run()`` boots a kernel and returns a RunResult.
+
+The CLI (``pvhboot run``) is a thin layer over this, so library users never
+need to shell out. Everything heavy is imported inside the methods: the
+time from exec to the first guest instruction is part of what pvhboot
+promises (issue 3), and a module imported here is paid for by every boot.
+
+Example::
+
+    from pvhboot import Machine
+    result = Machine(kernel="vmlinux", cmdline="console=ttyS0", memory="128M",
+                     timeout=60, stop_on=r"Run /init").run()
+    print(result.reason, result.status, result.timeline)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+# Where the legacy devices live (the PC/AT I/O map; issue 3 "Devices").
+SERIAL_PORT = 0x3F8  # COM1
+SERIAL_PORTS = 8
+SERIAL_IRQ = 4
+I8042_PORT = 0x60  # data 0x60 ... command/status 0x64
+I8042_PORTS = 5
+DEBUG_EXIT_PORT = 0xF4  # QEMU isa-debug-exit's customary iobase
+BOOT_TIMER_PORT = 0x3F0  # Firecracker's original boot-timer port; the guest writes 123
+
+BOOTS = ("auto", "pvh", "linux")
+
+
+@dataclass
+class RunResult:
+    """How a run ended.
+
+    ``reason``: "reset", "poweroff", "debug-exit", "timeout", "console-match",
+    or a fault ("triple-fault", "internal-error", "fail-entry", ...).
+    ``status``: the CLI exit status for it. ``console``: the serial output, if
+    captured. ``timeline``: phase -> seconds since exec. ``message``: one line.
+    ``detail``: a register dump for faults, else "".
+    """
+
+    reason: str
+    status: int
+    console: str = ""
+    timeline: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    unhandled_port_reads: int = 0
+    detail: str = ""
+    quirks_handled: int = 0
+
+
+class Machine:
+    """One guest: a kernel plus its boot options. ``plan()`` dry-runs, ``run()`` boots."""
+
+    def __init__(
+        self,
+        kernel,
+        initrd=None,
+        cmdline: str = "",
+        memory="128M",
+        boot: str = "auto",
+        timeout: float | None = None,
+        console_log=None,
+        capture_console: bool = True,
+        echo_console: bool = False,
+        host_quirks: bool = True,
+        use_cache: bool = True,
+        system_map=None,
+        stop_on: str | None = None,
+        quiet: bool = False,
+    ) -> None:
+        from .errors import UsageError
+        from .machine.memory import parse_memory_size
+
+        if boot not in BOOTS:
+            raise UsageError(f"unknown boot path {boot!r}: use one of {', '.join(BOOTS)}")
+        if timeout is not None:
+            timeout = float(timeout)
+            if not timeout > 0:
+                raise UsageError(f"timeout must be a positive number of seconds, not {timeout}")
+        self.kernel = str(kernel)
+        self.initrd = None if initrd is None else str(initrd)
+        self.cmdline = cmdline or ""
+        self.memory_size = parse_memory_size(memory)
+        self.boot = boot
+        self.timeout = timeout
+        self.console_log = None if console_log is None else str(console_log)
+        self.capture_console = capture_console
+        self.echo_console = echo_console
+        self.host_quirks = host_quirks
+        self.use_cache = use_cache
+        self.system_map = None if system_map is None else str(system_map)
+        self.stop_on = stop_on
+        if stop_on is not None:
+            import re
+
+            try:
+                self._stop_re = re.compile(stop_on.encode() if isinstance(stop_on, str) else stop_on)
+            except re.error as exc:
+                raise UsageError(f"bad stop_on pattern {stop_on!r}: {exc}") from None
+        else:
+            self._stop_re = None
+        self.quiet = quiet
+        self.prepared = None
+        self.quirks = None
+
+    # --- planning --------------------------------------------------------------
+
+    def _host_quirks(self):
+        if self.quirks is None:
+            try:
+                from .machine.quirks import HostQuirks
+            except ImportError:  # not in this tree yet
+                return None
+            self.quirks = HostQuirks(enabled=self.host_quirks)
+        return self.quirks
+
+    def effective_cmdline(self) -> str:
+        quirks = self._host_quirks()
+        suffix = (quirks.cmdline_suffix or "").strip() if quirks is not None else ""
+        return " ".join(p for p in (self.cmdline.strip(), suffix) if p)
+
+    def prepare(self):
+        """Choose the boot path and plan it (boot.prepare.prepare_boot); cached."""
+        if self.prepared is None:
+            try:
+                from .boot.prepare import prepare_boot
+            except ImportError:  # stand-in until boot/prepare.py lands
+                prepare_boot = _prepare_elf_pvh
+            self.prepared = prepare_boot(
+                self.kernel,
+                initrd=self.initrd,
+                cmdline=self.effective_cmdline(),
+                memory_size=self.memory_size,
+                boot=self.boot,
+                use_cache=self.use_cache,
+            )
+        return self.prepared
+
+    def plan(self):
+        """The BootPlan this machine would run (``pvhboot run --dry-run``)."""
+        return self.prepare().plan
+
+    # --- running ---------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Boot the kernel and run until the guest stops, faults or times out."""
+        from .machine.timeline import Timeline
+
+        timeline = Timeline()
+        quirks = self._host_quirks()
+        if quirks is not None and not self.quiet:
+            line = quirks.announce()
+            if line:
+                print(f"pvhboot: {line}", file=sys.stderr)
+        prepared = self.prepare()
+        if not self.quiet and getattr(prepared, "message", ""):
+            print(f"pvhboot: {prepared.message}", file=sys.stderr)
+        return self.run_plan(prepared.plan, timeline=timeline, quirks=quirks)
+
+    def run_plan(self, plan, *, timeline=None, quirks=None) -> RunResult:
+        """Run a ready BootPlan (built by boot/ or by hand, as tests do)."""
+        from .machine.timeline import Timeline
+
+        timeline = timeline or Timeline()
+        console = _Console(self, timeline)
+        try:
+            return _run(self, plan, timeline, console, quirks)
+        finally:
+            console.close()
+
+
+class _Console:
+    """Where serial output goes: stdout, a capture buffer, a log file, the stop pattern."""
+
+    def __init__(self, machine: Machine, timeline) -> None:
+        self.timeline = timeline
+        self.capture = bytearray() if machine.capture_console else None
+        self.echo_fd = sys.stdout.fileno() if machine.echo_console else None
+        self.log = open(machine.console_log, "wb") if machine.console_log else None  # noqa: SIM115
+        self.stop_re = machine._stop_re
+        self.tail = bytearray()  # the current and previous line, for stop_on
+        self.started = False
+
+    def out(self, data: bytes) -> None:
+        if not self.started:
+            self.started = True
+            self.timeline.mark("first-serial-byte")
+        if self.capture is not None:
+            self.capture += data
+        if self.echo_fd is not None:
+            import os
+
+            try:
+                os.write(self.echo_fd, data)
+            except BlockingIOError:
+                pass
+        if self.log is not None:
+            self.log.write(data)
+        if self.stop_re is not None:
+            self.tail += data
+            if self.stop_re.search(self.tail):
+                from .devices.base import StopGuest
+
+                raise StopGuest("console-match", 0)
+            if b"\n" in data:
+                # Keep the line just finished plus the new one: patterns are
+                # matched within a line (or across one line break).
+                lines = self.tail.split(b"\n")
+                self.tail = bytearray(b"\n".join(lines[-2:]))
+
+    def text(self) -> str:
+        return self.capture.decode("utf-8", "replace") if self.capture is not None else ""
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResult:
+    from .machine.memory import GuestMemory
+    from .machine.run_loop import RunControl, run_vcpu
+    from .machine.vm import Vm
+
+    vm = Vm()
+    try:
+        mem = GuestMemory(plan.memory_size, plan.memory_map)
+        vm.set_memory(mem)
+        vcpu = vm.create_vcpu(0)
+        timeline.mark("kvm-ready")
+        mem.load_chunks(plan.chunks)
+        timeline.mark("kernel-mapped")
+        vcpu.setup(plan.cpu)
+        bus = _make_bus(vm, console, timeline)
+        control = RunControl()
+        with _Timeout(machine.timeout, control):
+            outcome = run_vcpu(
+                vcpu,
+                bus,
+                mem,
+                control=control,
+                quirks=quirks if quirks is not None and getattr(quirks, "active", False) else None,
+                system_map=machine.system_map,
+                on_first_run=lambda: timeline.mark("first-kvm-run"),
+            )
+        timeline.mark("exit")
+        return RunResult(
+            reason=outcome.reason,
+            status=outcome.status,
+            console=console.text(),
+            timeline=timeline.as_dict(),
+            message=outcome.message,
+            unhandled_port_reads=bus.unhandled_port_reads,
+            detail=outcome.detail,
+            quirks_handled=getattr(vcpu, "quirks_handled", 0),
+        )
+    finally:
+        vm.close()
+        mem = getattr(vm, "memory", None)
+        if mem is not None:
+            mem.close()
+
+
+def _make_bus(vm, console: _Console, timeline):
+    from .devices.i8042 import I8042
+    from .devices.serial import Serial16550
+    from .machine.bus import Bus
+
+    bus = Bus()
+    bus.add_port_device(
+        SERIAL_PORT, SERIAL_PORTS, Serial16550(vm.irq_line(SERIAL_IRQ), console.out)
+    )
+    bus.add_port_device(I8042_PORT, I8042_PORTS, I8042())
+    bus.add_port_device(DEBUG_EXIT_PORT, 1, _debug_exit())
+    try:
+        from .devices.boot_timer import BootTimer
+    except ImportError:  # not in this tree yet
+        pass
+    else:
+        bus.add_port_device(BOOT_TIMER_PORT, 1, BootTimer(lambda: timeline.mark("boot-timer")))
+    return bus
+
+
+class _Timeout:
+    """SIGALRM after ``seconds``, then every 50 ms, until the loop notices.
+
+    The repeat covers the race where the signal lands just before KVM_RUN is
+    entered; Python's handlers do not set SA_RESTART, so KVM_RUN returns
+    EINTR. The handler only sets flags (RunControl.request_stop).
+    """
+
+    REPEAT = 0.05
+
+    def __init__(self, seconds: float | None, control) -> None:
+        self.seconds = seconds
+        self.control = control
+        self.old = None
+
+    def __enter__(self):
+        if self.seconds:
+            import signal
+
+            self.old = signal.signal(signal.SIGALRM, self._fire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds, self.REPEAT)
+        return self
+
+    def _fire(self, signum, frame) -> None:
+        self.control.request_stop("timeout")
+
+    def __exit__(self, *exc) -> None:
+        if self.seconds:
+            import signal
+
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, self.old)
+
+
+def _debug_exit():
+    try:
+        from .devices.debug_exit import DebugExit
+    except ImportError:  # stand-in until devices/debug_exit.py lands
+        from .devices.base import Device, StopGuest
+
+        class DebugExit(Device):
+            name = "debug-exit"
+
+            def write(self, offset: int, size: int, value: int) -> None:
+                # QEMU isa-debug-exit: the process exits with (value << 1) | 1.
+                raise StopGuest("debug-exit", ((value & 0xFF) << 1) | 1)
+
+    return DebugExit()
+
+
+def _prepare_elf_pvh(kernel, *, initrd, cmdline, memory_size, boot, use_cache):
+    """Stand-in for boot.prepare.prepare_boot: an ELF vmlinux through PVH only."""
+    from types import SimpleNamespace
+
+    from .boot.pvh import plan_pvh
+    from .image.elf import read_elf_file
+
+    elf = read_elf_file(kernel)
+    plan = plan_pvh(elf, kernel, initrd=initrd, cmdline=cmdline, memory_size=memory_size)
+    return SimpleNamespace(plan=plan, message=f"ELF {kernel}: booting through PVH", image=None)
