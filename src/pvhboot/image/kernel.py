@@ -18,6 +18,7 @@ docs/inspect-json.md; change it only together with that file and
 from __future__ import annotations
 
 import mmap
+import re
 from dataclasses import dataclass, field
 
 from ..errors import ImageError
@@ -226,16 +227,27 @@ def _from_elf(elf: ElfInfo, path: str, fmt: str, codec: str | None, data) -> Ker
 
 
 def _banner_version(data) -> str | None:
-    """The version from linux_banner ("Linux version 6.1.0 (...) ..."), if the ELF has one."""
+    """The version from linux_banner ("Linux version 6.1.0 (...) #1 ..."), if the ELF has one.
+
+    Since 6.1 a vmlinux holds two banners: a placeholder from init/version.c
+    ("... # SMP ...") and the real one from init/version-timestamp.c with the
+    build number; prefer the one with "#<digit>".
+    """
+    found = None
     at = data.find(BANNER_PREFIX)
-    if at < 0:
-        return None
-    chunk = bytes(data[at + len(BANNER_PREFIX) : at + len(BANNER_PREFIX) + MAX_BANNER])
-    # Format strings such as "Linux version %s" also match; a banner starts with a digit.
-    line = chunk.split(b"\n", 1)[0].split(b"\0", 1)[0].decode("ascii", "replace").strip()
-    if not line[:1].isdigit():
-        return None
-    return line
+    for _ in range(8):  # a handful of candidates at most; stop scanning after that
+        if at < 0:
+            break
+        start = at + len(BANNER_PREFIX)
+        chunk = bytes(data[start : start + MAX_BANNER])
+        line = chunk.split(b"\n", 1)[0].split(b"\0", 1)[0].decode("ascii", "replace").strip()
+        # Format strings such as "Linux version %s" also match; a banner starts with a digit.
+        if line[:1].isdigit():
+            if re.search(r"#\d", line):
+                return line
+            found = found or line
+        at = data.find(BANNER_PREFIX, start)
+    return found
 
 
 def _from_bzimage(data, path: str, load_payload: bool) -> KernelImage:
