@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 # Where the legacy devices live (the PC/AT I/O map; issue 3 "Devices").
 SERIAL_PORT = 0x3F8  # COM1
@@ -30,7 +29,6 @@ BOOT_TIMER_PORT = 0x3F0  # Firecracker's original boot-timer port; the guest wri
 BOOTS = ("auto", "pvh", "linux")
 
 
-@dataclass
 class RunResult:
     """How a run ended.
 
@@ -38,17 +36,49 @@ class RunResult:
     or a fault ("triple-fault", "internal-error", "fail-entry", ...).
     ``status``: the CLI exit status for it. ``console``: the serial output, if
     captured. ``timeline``: phase -> seconds since exec. ``message``: one line.
-    ``detail``: a register dump for faults, else "".
+    ``detail``: a register dump for faults, else "". ``quirks_handled``: how
+    many emulation failures the host-quirks layer stepped over.
+
+    A plain class, not a dataclass: ``dataclasses`` costs milliseconds to
+    import and to apply, on every boot.
     """
 
-    reason: str
-    status: int
-    console: str = ""
-    timeline: dict[str, float] = field(default_factory=dict)
-    message: str = ""
-    unhandled_port_reads: int = 0
-    detail: str = ""
-    quirks_handled: int = 0
+    __slots__ = (
+        "reason",
+        "status",
+        "console",
+        "timeline",
+        "message",
+        "unhandled_port_reads",
+        "detail",
+        "quirks_handled",
+    )
+
+    def __init__(
+        self,
+        reason: str,
+        status: int,
+        console: str = "",
+        timeline: dict[str, float] | None = None,
+        message: str = "",
+        unhandled_port_reads: int = 0,
+        detail: str = "",
+        quirks_handled: int = 0,
+    ) -> None:
+        self.reason = reason
+        self.status = status
+        self.console = console
+        self.timeline = {} if timeline is None else timeline
+        self.message = message
+        self.unhandled_port_reads = unhandled_port_reads
+        self.detail = detail
+        self.quirks_handled = quirks_handled
+
+    def __repr__(self) -> str:
+        return (
+            f"RunResult(reason={self.reason!r}, status={self.status}, message={self.message!r}, "
+            f"unhandled_port_reads={self.unhandled_port_reads}, console={len(self.console)} chars)"
+        )
 
 
 class Machine:
@@ -225,10 +255,10 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
     from .machine.run_loop import RunControl, run_vcpu
     from .machine.vm import Vm
 
-    vm = Vm()
+    mem = GuestMemory(plan.memory_size, plan.memory_map)
+    vm = None
     try:
-        mem = GuestMemory(plan.memory_size, plan.memory_map)
-        vm.set_memory(mem)
+        vm = Vm(memory=mem)
         vcpu = vm.create_vcpu(0)
         timeline.mark("kvm-ready")
         mem.load_chunks(plan.chunks)
@@ -258,10 +288,9 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
             quirks_handled=getattr(vcpu, "quirks_handled", 0),
         )
     finally:
-        vm.close()
-        mem = getattr(vm, "memory", None)
-        if mem is not None:
-            mem.close()
+        if vm is not None:
+            vm.close()
+        mem.close()
 
 
 def _make_bus(vm, console: _Console, timeline):

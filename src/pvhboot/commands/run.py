@@ -18,19 +18,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _memory(text: str) -> str:
-    import argparse
-
-    from ..errors import UsageError
-    from ..machine.memory import parse_memory_size
-
-    try:
-        parse_memory_size(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def register(sub):
     p = sub.add_parser(
         "run",
@@ -43,7 +30,9 @@ def register(sub):
     p.add_argument("--initrd", metavar="PATH", help="initramfs (module 0 / ramdisk)")
     p.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
     p.add_argument(
-        "--memory", default="128M", type=_memory, metavar="SIZE", help="guest RAM (default 128M)"
+        # Checked by Machine (UsageError, exit 2): validating here would import
+        # machine.memory while parsing, for every command.
+        "--memory", default="128M", metavar="SIZE", help="guest RAM (default 128M)"
     )
     p.add_argument("--timeout", type=_seconds, metavar="SEC", help="stop after SEC seconds (124)")
     p.add_argument("--console-log", metavar="FILE", help="write the console here, not stdout")

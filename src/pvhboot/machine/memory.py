@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
-from dataclasses import dataclass
 
 from ..boot.plan import E820_RAM, Chunk, FileRange, MemoryRange
 from ..errors import BootError, GuestError, UsageError
@@ -59,7 +57,6 @@ _munmap = _libc.munmap
 _munmap.restype = ctypes.c_int
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -75,12 +72,12 @@ def parse_memory_size(value: str | int) -> int:
         size = value
         shown = f"{value} bytes"
     else:
-        match = _SIZE_RE.match(str(value))
-        if not match:
+        number, unit = _split_size(str(value))
+        if number is None:
             raise UsageError(
                 f"bad memory size {value!r}: use a number with an optional K, M, G suffix (e.g. 128M)"
             )
-        size = int(match.group(1)) * _UNITS[match.group(2).lower()]
+        size = number * _UNITS[unit]
         shown = str(value).strip()
     if size < MIN_MEMORY or size > MAX_MEMORY:
         raise UsageError(f"memory size {shown} is out of range: use between 2M and 1T (e.g. 128M)")
@@ -89,26 +86,71 @@ def parse_memory_size(value: str | int) -> int:
     return size
 
 
-@dataclass(frozen=True)
+def _split_size(text: str) -> tuple[int | None, str]:
+    """'128M' -> (128, 'm'); '1GiB' -> (1, 'g'); '512' -> (512, ''); junk -> (None, '').
+
+    Hand-written rather than a regex: ``re`` is not otherwise on the boot path.
+    """
+    s = text.strip().lower()
+    for suffix in ("ib", "b"):
+        if s.endswith(suffix) and len(s) > len(suffix) and s[-len(suffix) - 1] in "kmgt":
+            s = s[: -len(suffix)]
+            break
+    unit = ""
+    if s and s[-1] in "kmgt":
+        unit, s = s[-1], s[:-1].rstrip()
+    if not s or not s.isascii() or not s.isdigit():
+        return None, ""
+    return int(s), unit
+
+
 class RamSlot:
     """One KVM memory slot: guest-physical range backed at host_offset into RAM."""
 
-    slot: int
-    guest_addr: int
-    size: int
-    host_offset: int
+    __slots__ = ("slot", "guest_addr", "size", "host_offset")
+
+    def __init__(self, slot: int, guest_addr: int, size: int, host_offset: int) -> None:
+        self.slot = slot
+        self.guest_addr = guest_addr
+        self.size = size
+        self.host_offset = host_offset
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RamSlot) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def _key(self) -> tuple[int, int, int, int]:
+        return (self.slot, self.guest_addr, self.size, self.host_offset)
+
+    def __repr__(self) -> str:
+        return (
+            f"RamSlot(slot={self.slot}, guest_addr={self.guest_addr:#x}, size={self.size:#x}, "
+            f"host_offset={self.host_offset:#x})"
+        )
 
     @property
     def guest_end(self) -> int:
         return self.guest_addr + self.size
 
 
-@dataclass
 class LoadStats:
-    mapped_bytes: int = 0
-    copied_bytes: int = 0
-    zeroed_bytes: int = 0
-    mappings: int = 0
+    """What loading a plan cost: bytes mapped from files, copied, and left zero."""
+
+    __slots__ = ("mapped_bytes", "copied_bytes", "zeroed_bytes", "mappings")
+
+    def __init__(self) -> None:
+        self.mapped_bytes = 0
+        self.copied_bytes = 0
+        self.zeroed_bytes = 0
+        self.mappings = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadStats(mapped={self.mapped_bytes}, copied={self.copied_bytes}, "
+            f"zeroed={self.zeroed_bytes}, mappings={self.mappings})"
+        )
 
 
 def plan_slots(memory_size: int, memory_map: list[MemoryRange] | None = None) -> list[RamSlot]:

@@ -88,11 +88,13 @@ class Vm:
     """A VM with an in-kernel irqchip and PIT, ready for memory and vCPUs.
 
     ``Vm()`` opens /dev/kvm itself; pass ``kvm_fd`` to share one handle.
+    Pass ``memory`` (a GuestMemory) to register it before the irqchip exists,
+    which is much cheaper than :meth:`set_memory` afterwards.
     Close with :meth:`close` (or use it as a context manager): vCPUs first,
     then the VM, then /dev/kvm.
     """
 
-    def __init__(self, kvm_fd: int | None = None, *, pit: bool = True) -> None:
+    def __init__(self, kvm_fd: int | None = None, *, memory=None, pit: bool = True) -> None:
         self.kvm_fd = open_kvm() if kvm_fd is None else kvm_fd
         self._own_kvm_fd = kvm_fd is None
         self.fd = -1
@@ -103,6 +105,11 @@ class Vm:
             k.ioctl(self.fd, k.KVM_SET_TSS_ADDR, TSS_ADDR)
             ident = s.u64(IDENTITY_MAP_ADDR)
             k.ioctl(self.fd, k.KVM_SET_IDENTITY_MAP_ADDR, ident)
+            # Memory before the irqchip: once the irqchip exists, the first
+            # memslot change waits for an SRCU grace period (measured here:
+            # 4-7 ms against 0.1 ms), which is a third of a probe's boot.
+            if memory is not None:
+                self.set_memory(memory)
             # PIC + IOAPIC + per-vCPU LAPIC in the kernel: HLT, interrupt
             # delivery and EOIs then never leave the kernel.
             k.ioctl(self.fd, k.KVM_CREATE_IRQCHIP)
@@ -151,7 +158,7 @@ class Vm:
         """KVM_GET_SUPPORTED_CPUID, growing the buffer until the kernel's list fits."""
         import errno
 
-        capacity = 64
+        capacity = 128  # 75 entries here; the kernel caps the list at 256
         while True:
             cpuid = s.make_cpuid2(capacity)
             try:
