@@ -121,7 +121,7 @@ def read_config(path: str) -> DotConfig:
         size = os.fstat(f.fileno()).st_size
     if not head:
         raise ConfigError(f"{path} is empty: {NO_CONFIG_HINT}")
-    if _looks_like_text(head):
+    if not _is_kernel_image(head) and _looks_like_text(head):
         if size > MAX_CONFIG_BYTES:
             raise ConfigError(
                 f"{path} is {size} bytes of text, too large for a kernel .config: "
@@ -183,8 +183,32 @@ def _config_via_image_reader(path: str) -> str | None:
     img = open_image(path)
     try:
         return img.config_text()
-    except (ValueError, OSError, EOFError, zlib.error) as exc:  # pragma: no cover - defensive
-        raise ImageError(f"{path}: its embedded config is corrupt ({exc})") from None
+    except ImageError:
+        # A compressed payload can hold a garbled copy of the markers (zstd
+        # keeps literals), which the reader may take for the config; the real
+        # one is in the decompressed vmlinux, so look there before giving up.
+        text = _config_from_payload(path, img)
+        if text is None:
+            raise
+        return text
+
+
+# Far above a distribution vmlinux (~60 MiB); bounds a corrupt stream.
+MAX_PAYLOAD_BYTES = 1 << 30
+
+
+def _config_from_payload(path: str, img) -> str | None:
+    bz = getattr(img, "bzimage", None)
+    if bz is None or not bz.codec:
+        return None
+    from ..image.compression import decompress_bytes
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if bz.payload_offset + bz.payload_length > len(data):
+            return None
+        payload = data[bz.payload_offset : bz.payload_offset + bz.payload_length]
+    vmlinux = decompress_bytes(bz.codec, payload, max_output=MAX_PAYLOAD_BYTES)
+    return _find_ikconfig(vmlinux)
 
 
 # The gzip'ed config is ~40 KiB for a distribution kernel; 8 MiB of text is
@@ -198,16 +222,21 @@ def _scan_ikconfig(path: str) -> str | None:
         if os.fstat(f.fileno()).st_size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            start = data.find(IKCFG_START)
-            while start >= 0:
-                text = _inflate_at(data, start + len(IKCFG_START))
-                if text is not None:
-                    return text
-                start = data.find(IKCFG_START, start + 1)
+            return _find_ikconfig(data)
+
+
+def _find_ikconfig(data) -> str | None:
+    """The first IKCFG_ST..IKCFG_ED pair that inflates; garbled copies are skipped."""
+    start = data.find(IKCFG_START)
+    while start >= 0:
+        text = _inflate_at(data, start + len(IKCFG_START))
+        if text is not None:
+            return text
+        start = data.find(IKCFG_START, start + 1)
     return None
 
 
-def _inflate_at(data: mmap.mmap, offset: int) -> str | None:
+def _inflate_at(data, offset: int) -> str | None:
     end = data.find(IKCFG_END, offset)
     if end < 0:
         return None
@@ -216,6 +245,6 @@ def _inflate_at(data: mmap.mmap, offset: int) -> str | None:
         out = inflater.decompress(data[offset:end], MAX_IKCONFIG_TEXT)
     except zlib.error:
         return None
-    if inflater.unconsumed_tail:
-        return None  # larger than any real config: not ours
+    if inflater.unconsumed_tail or not inflater.eof:
+        return None  # truncated, or larger than any real config: not ours
     return out.decode("utf-8", errors="replace")
