@@ -179,10 +179,11 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
     if protocol < 0x200:
         raise ImageError(f"{what}: boot protocol {protocol:#x} predates 2.00; not a bzImage")
 
-    def field(off: int, fmt: str) -> int:
-        # Fields past the header this kernel declares read as 0 (older protocols).
+    def field(off: int, fmt: str, since: int = 0x200) -> int:
+        # A field newer than the kernel's protocol, or past the header it
+        # declares, reads as 0: older kernels leave garbage code there.
         n = struct.calcsize(fmt)
-        if off + n > header_end:
+        if protocol < since or off + n > header_end:
             return 0
         return struct.unpack_from("<" + fmt, data, off)[0]
 
@@ -192,7 +193,7 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
     if pm_offset > size:
         raise ImageError(f"{what}: setup code ({setup_sects} sectors) ends at {pm_offset:#x}, "
                          f"past the end of the {size}-byte file; truncated")
-    syssize = field(OFF_SYSSIZE, "I") if protocol >= 0x204 else 0
+    syssize = field(OFF_SYSSIZE, "I", 0x204)
     pm_size = size - pm_offset
     if syssize and syssize * 16 <= pm_size:
         # Trailing data (signatures, padding) is not kernel code.
@@ -201,8 +202,8 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
         raise ImageError(f"{what}: header says {syssize * 16} bytes of protected-mode code "
                          f"but the file holds {pm_size}; truncated")
 
-    payload_rel = field(OFF_PAYLOAD_OFFSET, "I")
-    payload_length = field(OFF_PAYLOAD_LENGTH, "I")
+    payload_rel = field(OFF_PAYLOAD_OFFSET, "I", 0x208)
+    payload_length = field(OFF_PAYLOAD_LENGTH, "I", 0x208)
     payload_offset = pm_offset + payload_rel if protocol >= 0x208 else 0
     if protocol >= 0x208 and (payload_length or payload_rel):
         if payload_offset > size or payload_length > size - payload_offset:
@@ -219,14 +220,14 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
         protocol_str=f"{protocol >> 8}.{protocol & 0xFF:02d}",
         setup_sects=setup_sects,
         loadflags=field(OFF_LOADFLAGS, "B"),
-        xloadflags=field(OFF_XLOADFLAGS, "H"),
-        pref_address=field(OFF_PREF_ADDRESS, "Q"),
-        init_size=field(OFF_INIT_SIZE, "I"),
-        kernel_alignment=field(OFF_KERNEL_ALIGNMENT, "I"),
-        relocatable=bool(field(OFF_RELOCATABLE, "B")),
-        handover_offset=field(OFF_HANDOVER_OFFSET, "I"),
-        cmdline_size=field(OFF_CMDLINE_SIZE, "I"),
-        initrd_addr_max=field(OFF_INITRD_ADDR_MAX, "I"),
+        xloadflags=field(OFF_XLOADFLAGS, "H", 0x20C),
+        pref_address=field(OFF_PREF_ADDRESS, "Q", 0x20A),
+        init_size=field(OFF_INIT_SIZE, "I", 0x20A),
+        kernel_alignment=field(OFF_KERNEL_ALIGNMENT, "I", 0x205),
+        relocatable=bool(field(OFF_RELOCATABLE, "B", 0x205)),
+        handover_offset=field(OFF_HANDOVER_OFFSET, "I", 0x20B),
+        cmdline_size=field(OFF_CMDLINE_SIZE, "I", 0x206),
+        initrd_addr_max=field(OFF_INITRD_ADDR_MAX, "I", 0x203),
         kernel_version=_kernel_version(data, field(OFF_KERNEL_VERSION, "H"), pm_offset),
         pm_offset=pm_offset,
         pm_size=pm_size,
