@@ -1,0 +1,338 @@
+"""Work-arounds for KVM backends that run guests but have gaps (KVM-HOST-NOTES).
+
+The development and CI machines run KVM's PVM backend (``/sys/module/kvm_pvm``):
+CPUID is not filtered and its instruction emulator lacks some instructions,
+so a run stops with KVM_EXIT_INTERNAL_ERROR where real hardware would go on.
+On such a host, and only there, pvhboot:
+
+- hides the CPU features whose instructions the emulator lacks, with
+  ``clearcpuid=`` on the kernel command line (CPUID masks have no effect);
+- finishes the instructions that still reach the emulator itself: ``int3``
+  is delivered as #BP through the guest's IDT, ``wait``/``fwait`` is
+  skipped, ``clac``/``stac`` set EFLAGS.AC, and ``ldmxcsr`` loads MXCSR
+  through KVM_SET_FPU.
+
+Anything else is left to the VMM to report. Capstone is imported only when
+an instruction has to be decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import GuestError
+from . import diagnose
+from .pagewalk import read_linear, write_linear
+
+PVM_MODULE = "/sys/module/kvm_pvm"
+FORCE_ENV = "PVHBOOT_FORCE_PVM_QUIRKS"
+
+# Features whose instructions this emulator cannot run (KVM-HOST-NOTES gap 2).
+# Linux >= 5.19 takes feature names here (arch/x86/kernel/cpu/common.c,
+# cpu_parse_early_param, with CONFIG_X86_FEATURE_NAMES); the names are the
+# lower-cased X86_FEATURE_* of cpufeatures.h. Bit numbers would also do:
+# xsave 4*32+26, cx16 4*32+13, smap 9*32+20, erms 9*32+9, fsrm 18*32+4,
+# popcnt 4*32+23.
+CLEARCPUID_FEATURES = ("xsave", "cx16", "smap", "erms", "fsrm", "popcnt")
+CLEARCPUID = "clearcpuid=" + ",".join(CLEARCPUID_FEATURES)
+
+# EFLAGS bits (SDM vol. 1, 3.4.3).
+RFLAGS_TF = 1 << 8
+RFLAGS_IF = 1 << 9
+RFLAGS_NT = 1 << 14
+RFLAGS_RF = 1 << 16
+RFLAGS_VM = 1 << 17
+RFLAGS_AC = 1 << 18
+# What an interrupt or exception clears on entry (SDM vol. 3A, 6.12.1.3);
+# IF only through an interrupt gate.
+RFLAGS_CLEARED_ON_EVENT = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM
+
+BP_VECTOR = 3  # #BP, raised by int3 (SDM vol. 3A, table 6-1)
+GATE64_SIZE = 16  # IA-32e IDT gate (SDM vol. 3A, 6.14.1)
+GATE32_SIZE = 8
+GATE_TYPE_INTERRUPT = 0xE  # IF cleared on entry
+GATE_TYPE_TRAP = 0xF
+# 64-bit TSS (SDM vol. 3A, 8.7): RSP0 at 4, IST1..IST7 at 0x24 + 8*(n-1).
+TSS64_RSP0 = 0x04
+TSS64_IST1 = 0x24
+# MXCSR bits a guest may set (DAZ included); others make ldmxcsr #GP.
+MXCSR_WRITABLE = 0xFFFF
+
+# kvm_regs fields by register name, with the 32-bit aliases capstone prints.
+_GPR = {
+    "rax": "rax", "rbx": "rbx", "rcx": "rcx", "rdx": "rdx", "rsi": "rsi", "rdi": "rdi",
+    "rsp": "rsp", "rbp": "rbp", "eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx",
+    "esi": "rsi", "edi": "rdi", "esp": "rsp", "ebp": "rbp",
+    **{f"r{i}": f"r{i}" for i in range(8, 16)},
+    **{f"r{i}d": f"r{i}" for i in range(8, 16)},
+}
+
+
+def is_pvm_host() -> bool:
+    """True on a KVM PVM host; PVHBOOT_FORCE_PVM_QUIRKS=0/1 overrides the detection."""
+    forced = os.environ.get(FORCE_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return os.path.exists(PVM_MODULE)
+
+
+class HostQuirks:
+    def __init__(self, enabled: bool = True, *, pvm_host: bool | None = None) -> None:
+        self.enabled = enabled
+        self.pvm_host = is_pvm_host() if pvm_host is None else pvm_host
+        self.counts: dict[str, int] = {}  # handled instructions per kind
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.pvm_host
+
+    @property
+    def cmdline_suffix(self) -> str:
+        return CLEARCPUID if self.active else ""
+
+    def apply_cmdline(self, cmdline: str) -> str:
+        """``cmdline`` with the suffix appended (unless the user already set clearcpuid=)."""
+        if not self.active or "clearcpuid=" in cmdline:
+            return cmdline
+        return f"{cmdline} {CLEARCPUID}".strip()
+
+    def announce(self) -> str | None:
+        if not self.active:
+            return None
+        return (
+            f"pvhboot: PVM host detected: applying host quirks ({CLEARCPUID}, "
+            "int3/wait/clac/stac emulation, MXCSR via KVM_SET_FPU); "
+            "--no-host-quirks turns them off"
+        )
+
+    def summary(self) -> str:
+        """'int3 x2, wait x1' for the end-of-run report; '' when nothing was handled."""
+        return ", ".join(f"{k} x{n}" for k, n in sorted(self.counts.items()))
+
+    # --- emulation failures ------------------------------------------------------
+
+    def handle_internal_error(self, vcpu, mem) -> str | None:
+        """Finish the instruction KVM could not; a short description, or None if not ours."""
+        if not self.active:
+            return None
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        bits = diagnose.code_bits(sregs)
+        try:
+            code = diagnose.fetch_code(mem, sregs, regs.rip)
+        except GuestError:
+            return None
+        insn = diagnose.disassemble(code, regs.rip, bits, detail=True)
+        if insn is None:
+            return None
+        kind = insn.mnemonic
+        try:
+            if kind == "int3":
+                done = self._deliver_bp(vcpu, mem, regs, sregs, insn.size, bits)
+            elif kind in ("wait", "fwait"):
+                done = self._skip(vcpu, regs, insn.size)
+            elif kind in ("clac", "stac"):
+                if kind == "stac":
+                    regs.rflags |= RFLAGS_AC
+                else:
+                    regs.rflags &= ~RFLAGS_AC
+                done = self._skip(vcpu, regs, insn.size)
+            elif kind in ("ldmxcsr", "vldmxcsr"):
+                done = self._ldmxcsr(vcpu, mem, regs, sregs, insn, bits)
+            else:
+                return None
+        except GuestError:
+            # A guest structure we need (IDT, TSS, stack, operand) is not
+            # reachable: let the VMM report the original failure.
+            return None
+        if done is None:
+            return None
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return done
+
+    @staticmethod
+    def _skip(vcpu, regs, length: int) -> str:
+        rip = regs.rip
+        regs.rip = rip + length
+        vcpu.set_regs(regs)
+        return f"skipped {length}-byte instruction at {rip:#x}"
+
+    def _ldmxcsr(self, vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
+        ops = [op for op in insn.operands if op.type == _x86_op_mem()]
+        if len(ops) != 1:
+            return None
+        addr = _effective_address(insn, ops[0].mem, regs, sregs, bits)
+        value = struct.unpack("<I", read_linear(mem, sregs, addr, 4))[0]
+        if value & ~MXCSR_WRITABLE:
+            return None  # the CPU would raise #GP; leave it to the VMM to report
+        fpu = vcpu.get_fpu()
+        fpu.mxcsr = value
+        vcpu.set_fpu(fpu)
+        rip = regs.rip
+        regs.rip = rip + insn.size
+        vcpu.set_regs(regs)
+        return f"loaded MXCSR={value:#x} at {rip:#x}"
+
+    # --- #BP delivery ------------------------------------------------------------
+
+    def _deliver_bp(self, vcpu, mem, regs, sregs, length: int, bits: int) -> str | None:
+        if bits == 64:
+            return _deliver_long_mode(vcpu, mem, regs, sregs, BP_VECTOR, regs.rip + length)
+        if bits == 32:
+            return _deliver_protected_mode(vcpu, mem, regs, sregs, BP_VECTOR, regs.rip + length)
+        return None
+
+
+def _x86_op_mem() -> int:
+    from capstone import x86  # lazy, as everywhere on the run path
+
+    return x86.X86_OP_MEM
+
+
+def _effective_address(insn, mem_op, regs, sregs, bits: int) -> int:
+    """Linear address of a memory operand (SDM vol. 1, 3.7.5), from capstone's details."""
+    addr = mem_op.disp
+    if mem_op.base:
+        name = insn.reg_name(mem_op.base)
+        if name in ("rip", "eip"):
+            addr += regs.rip + insn.size
+        else:
+            addr += _reg(regs, name)
+    if mem_op.index:
+        addr += _reg(regs, insn.reg_name(mem_op.index)) * mem_op.scale
+    addr_size = getattr(insn, "addr_size", bits // 8) or bits // 8
+    addr &= (1 << (8 * addr_size)) - 1
+    seg = insn.reg_name(mem_op.segment) if mem_op.segment else None
+    if bits == 64:
+        # Only FS and GS have bases in 64-bit mode.
+        if seg in ("fs", "gs"):
+            addr += getattr(sregs, seg).base
+        return addr & 0xFFFF_FFFF_FFFF_FFFF
+    if seg is None:
+        base = insn.reg_name(mem_op.base) if mem_op.base else ""
+        seg = "ss" if base in ("esp", "ebp") else "ds"
+    return (getattr(sregs, seg).base + addr) & 0xFFFF_FFFF
+
+
+def _reg(regs, name: str) -> int:
+    field = _GPR.get(name)
+    if field is None:
+        raise GuestError(f"cannot evaluate register {name} in a memory operand")
+    value = getattr(regs, field)
+    return value & 0xFFFF_FFFF if name.startswith("e") or name.endswith("d") else value
+
+
+def _push_frame(mem, sregs, rsp: int, values: list[int], width: int, mask: int) -> int:
+    """Push ``values`` in order (first ends highest); returns the new stack pointer."""
+    data = b"".join(v.to_bytes(width, "little") for v in reversed([x & mask for x in values]))
+    new_rsp = rsp - len(data)
+    write_linear(mem, sregs, new_rsp, data)
+    return new_rsp
+
+
+def _read_gate64(mem, sregs, vector: int) -> tuple[int, int, int, int, int, bool]:
+    """(offset, selector, ist, type, dpl, present) of a 16-byte IDT gate."""
+    if sregs.idt.limit < vector * GATE64_SIZE + GATE64_SIZE - 1:
+        raise GuestError(f"IDT limit {sregs.idt.limit:#x} does not cover vector {vector}")
+    raw = read_linear(mem, sregs, sregs.idt.base + vector * GATE64_SIZE, GATE64_SIZE)
+    off_lo, selector, ist, attrs, off_mid, off_hi = struct.unpack_from("<HHBBHI", raw)
+    offset = off_lo | (off_mid << 16) | (off_hi << 32)
+    return offset, selector, ist & 0x7, attrs & 0xF, (attrs >> 5) & 0x3, bool(attrs & 0x80)
+
+
+def _deliver_long_mode(vcpu, mem, regs, sregs, vector: int, return_rip: int) -> str | None:
+    """Deliver a software exception through a 64-bit IDT gate, as the CPU would.
+
+    SDM vol. 3A, 6.14: the frame is always SS, RSP, RFLAGS, CS, RIP; the new
+    stack is the gate's IST slot, else RSP0 on a privilege change, else the
+    current stack; RSP is aligned down to 16 bytes before the pushes.
+    """
+    handler, selector, ist, gate_type, _dpl, present = _read_gate64(mem, sregs, vector)
+    if not present or gate_type not in (GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP):
+        return None
+    cpl = sregs.cs.dpl
+    same_cs = (selector & ~3) == (sregs.cs.selector & ~3)
+    new_cs = None if same_cs else _load_code_segment(mem, sregs, selector)
+    new_cpl = cpl if new_cs is None else new_cs.dpl
+    if ist:
+        rsp = _tss_u64(mem, sregs, TSS64_IST1 + 8 * (ist - 1))
+    elif new_cpl < cpl:
+        rsp = _tss_u64(mem, sregs, TSS64_RSP0)
+    else:
+        rsp = regs.rsp
+    rsp &= ~0xF
+    old_ss = sregs.ss.selector
+    old_cs = sregs.cs.selector
+    frame = [old_ss, regs.rsp, regs.rflags, old_cs, return_rip]
+    mask = 0xFFFF_FFFF_FFFF_FFFF
+    new_rsp = _push_frame(mem, sregs, rsp, frame, 8, mask)
+    regs.rsp = new_rsp
+    regs.rip = handler
+    regs.rflags &= ~RFLAGS_CLEARED_ON_EVENT
+    if gate_type == GATE_TYPE_INTERRUPT:
+        regs.rflags &= ~RFLAGS_IF
+    if new_cs is not None:
+        sregs.cs = new_cs
+        sregs.cs.selector = (selector & ~3) | new_cpl
+        if new_cpl != cpl:
+            # A privilege change in IA-32e mode loads SS with a NULL selector
+            # whose RPL is the new CPL (SDM vol. 3A, 6.14.4).
+            sregs.ss.selector = new_cpl
+            sregs.ss.dpl = new_cpl
+        vcpu.set_sregs(sregs)
+    vcpu.set_regs(regs)
+    return f"delivered #BP at {return_rip - 1:#x} to handler {handler:#x}"
+
+
+def _deliver_protected_mode(vcpu, mem, regs, sregs, vector: int, return_eip: int) -> str | None:
+    """Same-privilege delivery through a 32-bit gate: push EFLAGS, CS, EIP (SDM 6.12.1)."""
+    if sregs.idt.limit < vector * GATE32_SIZE + GATE32_SIZE - 1:
+        return None
+    raw = read_linear(mem, sregs, sregs.idt.base + vector * GATE32_SIZE, GATE32_SIZE)
+    off_lo, selector, _zero, attrs, off_hi = struct.unpack("<HHBBH", raw)
+    gate_type = attrs & 0xF
+    if not attrs & 0x80 or gate_type not in (GATE_TYPE_INTERRUPT, GATE_TYPE_TRAP):
+        return None
+    if (selector & ~3) != (sregs.cs.selector & ~3):
+        return None  # a far/privilege-changing gate: not something Linux does on int3
+    esp_linear = (sregs.ss.base + (regs.rsp & 0xFFFF_FFFF)) & 0xFFFF_FFFF
+    frame = [regs.rflags, sregs.cs.selector, return_eip]
+    new_linear = _push_frame(mem, sregs, esp_linear, frame, 4, 0xFFFF_FFFF)
+    regs.rsp = (regs.rsp & ~0xFFFF_FFFF) | ((new_linear - sregs.ss.base) & 0xFFFF_FFFF)
+    regs.rip = off_lo | (off_hi << 16)
+    regs.rflags &= ~RFLAGS_CLEARED_ON_EVENT
+    if gate_type == GATE_TYPE_INTERRUPT:
+        regs.rflags &= ~RFLAGS_IF
+    vcpu.set_regs(regs)
+    return f"delivered #BP at {return_eip - 1:#x} to handler {regs.rip:#x}"
+
+
+def _tss_u64(mem, sregs, offset: int) -> int:
+    if sregs.tr.limit < offset + 7:
+        raise GuestError(f"TSS limit {sregs.tr.limit:#x} does not cover offset {offset:#x}")
+    return struct.unpack("<Q", read_linear(mem, sregs, sregs.tr.base + offset, 8))[0]
+
+
+def _load_code_segment(mem, sregs, selector: int):
+    """A kvm_segment for a GDT code descriptor (SDM vol. 3A, 3.4.5)."""
+    index = selector & ~7
+    if selector & 4 or index == 0 or sregs.gdt.limit < index + 7:
+        raise GuestError(f"IDT gate selector {selector:#x} is not a usable GDT entry")
+    desc = struct.unpack("<Q", read_linear(mem, sregs, sregs.gdt.base + index, 8))[0]
+    seg = type(sregs.cs)()
+    seg.selector = selector
+    seg.base = ((desc >> 16) & 0xFF_FFFF) | (((desc >> 56) & 0xFF) << 24)
+    limit = (desc & 0xFFFF) | (((desc >> 48) & 0xF) << 16)
+    seg.g = (desc >> 55) & 1
+    seg.limit = (limit << 12) | 0xFFF if seg.g else limit
+    seg.type = (desc >> 40) & 0xF
+    seg.s = (desc >> 44) & 1
+    seg.dpl = (desc >> 45) & 3
+    seg.present = (desc >> 47) & 1
+    seg.avl = (desc >> 52) & 1
+    seg.l = (desc >> 53) & 1
+    seg.db = (desc >> 54) & 1
+    if not seg.present or not seg.s or not seg.type & 0x8:
+        raise GuestError(f"IDT gate selector {selector:#x} does not name a present code segment")
+    return seg
