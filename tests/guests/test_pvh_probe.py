@@ -11,8 +11,7 @@ from 1 MiB) and the initrd at the top of RAM below 4 GiB, page aligned.
 from __future__ import annotations
 
 import pytest
-
-from conftest import PASS_STATUS, PROBE_FAIL, requires_kvm
+from pvh_probe_build import PASS_STATUS, PROBE_FAIL, requires_kvm
 
 MIB = 1 << 20
 GUEST_MEMORY = 128 * MIB
@@ -125,3 +124,29 @@ def test_pvh_probe_detects_wrong_values(probe_builder, tmp_path):
     assert result.reason == "debug-exit"
     assert result.status == (PROBE_FAIL + 3) << 1 | 1, result.console
 
+
+
+@requires_kvm
+def test_pvh_probe_detects_wrong_cpu_state(probe_builder):
+    """The CPU-state checks can fail too: the same plan with EFLAGS, CR0 and
+    the GDT's TSS descriptor altered must be reported field by field."""
+    import dataclasses
+    import struct
+
+    from pvhboot import Machine
+
+    probe = probe_builder(cmdline="", memmap=MEMMAP_128M, module=None)
+    machine = Machine(kernel=probe, memory="128M", boot="pvh", timeout=120, host_quirks=False)
+    plan = machine.plan()
+    plan.cpu = dataclasses.replace(plan.cpu, rflags=0x46, cr0=plan.cpu.cr0 | 0x20)
+    (gdt,) = [c for c in plan.chunks if c.addr == plan.cpu.gdt_base]
+    table = bytearray(gdt.source)
+    tss_slot = plan.cpu.tr.selector & ~7
+    (desc,) = struct.unpack_from("<Q", table, tss_slot)
+    struct.pack_into("<Q", table, tss_slot, desc & ~(0xF << 40) | 0x9 << 40)  # "available"
+    plan.chunks[plan.chunks.index(gdt)] = dataclasses.replace(gdt, source=bytes(table))
+    result = machine.run_plan(plan)
+    assert "PROBE FAIL CR0" in result.console, result.console
+    assert "PROBE FAIL EFLAGS: got 0x46 expected 0x2" in result.console
+    assert "PROBE FAIL TR type (32-bit TSS, busy): got 0x9 expected 0xb" in result.console
+    assert result.status == (PROBE_FAIL + 3) << 1 | 1
