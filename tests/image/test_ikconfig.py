@@ -54,3 +54,11 @@ def test_config_inside_a_bzimage_payload(codec_bzimage, codec):
     assert img.config_embedded is True
     # Headers only: the payload was not read, so the answer is unknown, not "no".
     assert image_from_buffer(data, load_payload=False).config_embedded is None
+
+
+def test_a_chance_marker_in_compressed_bytes_is_skipped_when_not_strict():
+    fake = b"IKCFG_ST\x1f\x8b" + b"\xff" * 30
+    assert find_config(fake + wrapped(), strict=False) == CONFIG.decode()
+    assert find_config(fake, strict=False) is None
+    with pytest.raises(ImageError):
+        find_config(fake)

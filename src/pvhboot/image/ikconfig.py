@@ -20,11 +20,28 @@ MAX_CONFIG_SIZE = 16 << 20
 GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header, not raw deflate
 
 
-def find_config_bytes(data) -> bytes | None:
-    """The decompressed config from ``data`` (bytes or mmap), or None when absent."""
-    start = data.find(START_MARKER + GZIP_MAGIC)
-    if start < 0:
-        return None
+def find_config_bytes(data, *, strict: bool = True) -> bytes | None:
+    """The decompressed config from ``data`` (bytes or mmap), or None when absent.
+
+    Compressed data (a bzImage's payload, seen raw) can hold the marker bytes
+    by chance; each occurrence is tried in turn. A marker whose stream does
+    not decode is an ImageError when ``strict`` (the data is the kernel
+    itself), and is skipped otherwise.
+    """
+    at = data.find(START_MARKER + GZIP_MAGIC)
+    first_error: ImageError | None = None
+    while at >= 0:
+        try:
+            return _inflate(data, at)
+        except ImageError as exc:
+            first_error = first_error or exc
+        at = data.find(START_MARKER + GZIP_MAGIC, at + 1)
+    if first_error is not None and strict:
+        raise first_error
+    return None
+
+
+def _inflate(data, start: int) -> bytes:
     gz_at = start + len(START_MARKER)
     end = data.find(END_MARKER, gz_at)
     stream = data[gz_at:end] if end >= 0 else data[gz_at : gz_at + MAX_CONFIG_SIZE]
@@ -41,6 +58,6 @@ def find_config_bytes(data) -> bytes | None:
     return text
 
 
-def find_config(data) -> str | None:
-    raw = find_config_bytes(data)
+def find_config(data, *, strict: bool = True) -> str | None:
+    raw = find_config_bytes(data, strict=strict)
     return None if raw is None else raw.decode("utf-8", "replace")

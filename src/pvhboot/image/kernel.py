@@ -82,12 +82,14 @@ class KernelImage:
         if self._config is False:
             from .ikconfig import find_config
 
-            text = None
+            # Only a plain ELF is the kernel itself; elsewhere the raw bytes are
+            # mostly compressed data, where a marker can appear by chance.
+            strict = self.format == "elf"
             if self._raw is not None:
-                text = find_config(self._raw)
+                text = find_config(self._raw, strict=strict)
             else:
                 with _map(self.path) as mm:
-                    text = find_config(mm)
+                    text = find_config(mm, strict=strict)
             if text is None and self._payload is not None:
                 text = find_config(self._payload)
             self._config = text
