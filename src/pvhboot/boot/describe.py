@@ -27,13 +27,20 @@ def _source_text(chunk: Chunk) -> str:
     return text
 
 
+# System descriptor types (SDM Vol. 3A 3.5 Table 3-2) shown by name.
+_SYSTEM_TYPES = {0x2: "LDT", 0x9: "TSS (available)", 0xB: "TSS (busy)"}
+
+
 def _segment_text(seg: Segment) -> str:
-    mode = "64-bit" if seg.l else ("32-bit" if seg.db else "16-bit")
-    kind = "system" if not seg.s else ("code" if seg.type & 0x8 else "data")
+    if seg.s:
+        kind = "code" if seg.type & 0x8 else "data"
+        mode = " 64-bit" if seg.l else (" 32-bit" if seg.db else " 16-bit")
+    else:
+        kind = _SYSTEM_TYPES.get(seg.type, "system")
+        mode = ""
     return (
         f"sel={seg.selector:#06x} base={seg.base:#x} limit={seg.limit:#x} "
-        f"type={seg.type:#x} {kind} {mode} dpl={seg.dpl}"
-        + (" unusable" if seg.unusable else "")
+        f"type={seg.type:#x} {kind}{mode} dpl={seg.dpl}" + (" unusable" if seg.unusable else "")
     )
 
 

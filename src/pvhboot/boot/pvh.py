@@ -151,7 +151,10 @@ def plan_pvh(
         chunks.append(Chunk(region.addr, initrd_size, FileRange(initrd, 0, initrd_size), "initrd"))
         # The initrd module has no command line of its own: 0 means absent.
         modules.append(hvm_modlist_entry(paddr=region.addr, size=initrd_size, cmdline_paddr=0))
-        notes.append(f"initrd: {region.describe()}, at the top of RAM below 4 GiB")
+        notes.append(
+            f"initrd: {fmt_range(region.addr, initrd_size)} ({fmt_size(initrd_size)}), "
+            "page-aligned at the top of RAM below 4 GiB, module 0"
+        )
 
     memmap = (hvm_memmap_table_entry * len(mmap))(
         *(hvm_memmap_table_entry(addr=r.addr, size=r.size, type=r.type) for r in mmap)
