@@ -168,7 +168,8 @@ class SymbolMap:
                 addr = int(parts[0], 16)
             except ValueError:
                 continue
-            if parts[2] == "_etext":
+            # _end closes the image; init text lies past _etext, so that will not do.
+            if parts[2] == "_end":
                 end = addr
             if parts[1] in _TEXT_TYPES:
                 symbols.append((addr, parts[2]))
