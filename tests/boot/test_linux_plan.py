@@ -291,8 +291,16 @@ def test_elf_plan(tmp_path, initrd):
 
 def test_elf_entry_outside_segments(tmp_path):
     raw = _elf64(0x5000000, [(0x1000000, 0x1000000, 0x1000, b"\x90")])
+    (tmp_path / "v").write_bytes(raw)
     with pytest.raises(BootError, match="e_entry"):
-        plan_linux_elf(parse_elf(raw), "/v", cmdline="", memory_size=128 * MIB)
+        plan_linux_elf(parse_elf(raw), str(tmp_path / "v"), cmdline="", memory_size=128 * MIB)
+
+
+def test_elf_truncated_segment(tmp_path):
+    raw = _elf64(0x1000000, [(0x1000000, 0x1000000, 0x1000, b"\x90" * 100)])
+    (tmp_path / "v").write_bytes(raw[:-50])
+    with pytest.raises(BootError, match="truncated"):
+        plan_linux_elf(parse_elf(raw), str(tmp_path / "v"), cmdline="", memory_size=128 * MIB)
 
 
 def test_elf_32bit_refused():

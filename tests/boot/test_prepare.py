@@ -77,7 +77,7 @@ def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "cache"
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(d))
-    monkeypatch.setenv("PVHBOOT_CACHE_DIR", str(d / "pvhboot"))
+    monkeypatch.setenv("PVHBOOT_CACHE", str(d / "pvhboot"))
     return d
 
 

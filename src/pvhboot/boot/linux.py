@@ -294,11 +294,13 @@ def plan_linux_elf(
         raise BootError(f"{elf_path}: the ELF has no PT_LOAD segments: nothing to boot")
     lay = Layout(memory_size)
     chunks: list[Chunk] = []
+    file_size = _file_size(elf_path, "kernel")
     for i, seg in enumerate(loads):
-        if seg.filesz > seg.memsz:
+        if seg.filesz > seg.memsz or seg.offset + seg.filesz > file_size:
             raise BootError(
-                f"{elf_path}: PT_LOAD {i} has p_filesz {seg.filesz:#x} > p_memsz {seg.memsz:#x}: "
-                "the ELF is corrupt"
+                f"{elf_path}: PT_LOAD {i} claims file bytes [{seg.offset:#x}, "
+                f"{seg.offset + seg.filesz:#x}) with p_memsz {seg.memsz:#x} in a {file_size}-byte "
+                "file: the ELF is truncated or corrupt"
             )
         lay.reserve(f"kernel segment {i}", seg.paddr, seg.memsz)
         chunks.append(
