@@ -127,7 +127,8 @@ def parse_elf(data, *, what: str = "ELF") -> ElfInfo:
     bits = 64 if elf_class == ELFCLASS64 else 32
 
     if phnum == PN_XNUM:
-        raise ImageError(f"{what}: e_phnum is PN_XNUM (extended numbering); not a kernel image")
+        raise ImageError(f"{what}: e_phnum is PN_XNUM (program header count stored elsewhere, "
+                         "which no kernel does); the ELF header is corrupt")
     if phnum and phentsize < phdr.size:
         raise ImageError(f"{what}: e_phentsize {phentsize} is smaller than an ELF{bits} "
                          f"program header ({phdr.size}); the header is corrupt")

@@ -1,0 +1,107 @@
+"""`pvhboot inspect` as a user runs it: table, --json, --config, and one-line errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+CONFIG = b"CONFIG_PVH=y\nCONFIG_SERIAL_8250_CONSOLE=y\n"
+
+
+def assert_one_line_error(proc, *words):
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith("pvhboot: error: "), err
+    for w in words:
+        assert w in lines[0], err
+
+
+@pytest.fixture
+def bzimage_file(tmp_path, codec_bzimage):
+    data, _ = codec_bzimage("gzip", pe=True, config=CONFIG)
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(data)
+    return path
+
+
+def test_json(cli, bzimage_file):
+    proc = cli("inspect", "--json", bzimage_file)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["path"] == str(bzimage_file)
+    assert doc["format"] == "bzimage" and doc["compression"] == "gzip"
+    assert doc["entry_points"]["pvh"] == 0x1000850 and doc["entry_points"]["efi_pe"] is True
+    assert doc["config_embedded"] is True
+
+
+def test_table_when_not_a_terminal(cli, bzimage_file):
+    proc = cli("inspect", bzimage_file)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert "\x1b[" not in out  # plain text in a pipe: no colour codes, no rich
+    for text in ("bzimage", "gzip", "2.15", "0x1000850", "XEN_ELFNOTE_PHYS32_ENTRY",
+                 "XLF_KERNEL_64", "PT_LOAD"):
+        assert text in out, text
+
+
+def test_config(cli, bzimage_file):
+    proc = cli("inspect", "--config", bzimage_file)
+    assert proc.returncode == 0
+    assert proc.stdout == CONFIG
+
+
+def test_config_missing(cli, tmp_path, make_pvh_elf):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(make_pvh_elf())
+    assert_one_line_error(cli("inspect", "--config", path), "no embedded config")
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", ["empty"]),
+        (b"just some text\n" * 100, ["not a kernel image"]),
+        (b"\x7fELF\x02\x01\x01" + b"\0" * 9 + b"\xff" * 48, ["program header"]),
+        (gzip.compress(b"not an elf" * 50), ["ELF"]),
+    ],
+)
+def test_bad_input_is_one_line(cli, tmp_path, content, words):
+    path = tmp_path / "bad"
+    path.write_bytes(content)
+    assert_one_line_error(cli("inspect", path), *words)
+    assert_one_line_error(cli("inspect", "--json", path), *words)
+
+
+def test_payload_outside_the_file(cli, tmp_path, make_bzimage):
+    path = tmp_path / "bz"
+    path.write_bytes(make_bzimage(b"\x1f\x8b\x08" + bytes(60), payload_offset=1 << 28))
+    assert_one_line_error(cli("inspect", path), "outside")
+
+
+def test_truncated_bzimage(cli, tmp_path, codec_bzimage):
+    data, _ = codec_bzimage("zstd")
+    path = tmp_path / "bz"
+    path.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(cli("inspect", path))
+
+
+def test_missing_file(cli, tmp_path):
+    assert_one_line_error(cli("inspect", tmp_path / "nope"), "nope")
+
+
+def test_usage_error_exit_status(cli):
+    proc = cli("inspect")
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+
+
+@pytest.mark.kernel
+def test_debian_cloud_kernel_json(cli, debian_cloud_kernel):
+    proc = cli("inspect", "--json", debian_cloud_kernel.vmlinuz)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["compression"] == "lz4" and doc["boot_protocol"] == "2.15"
+    assert doc["pvh_capable"] is True and doc["entry_points"]["pvh"]
