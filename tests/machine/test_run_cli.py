@@ -1,0 +1,159 @@
+"""`pvhboot run` end to end: tiny PVH ELF probes built here with gcc and ld,
+run through the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import requires_kvm, run_cli
+
+needs_toolchain = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("ld") is None, reason="needs gcc and ld"
+)
+
+# Xen's ELF note 18 (XEN_ELFNOTE_PHYS32_ENTRY) carries the 32-bit entry.
+PROBE_TEMPLATE = """
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long 4, 4, 18
+    .asciz "Xen"
+    .balign 4
+    .long _start
+    .text
+    .code32
+    .globl _start
+_start:
+{body}
+"""
+
+
+def build_probe(tmp_path, body: str, name: str = "probe") -> str:
+    src = tmp_path / f"{name}.S"
+    src.write_text(PROBE_TEMPLATE.format(body=body))
+    obj, elf = tmp_path / f"{name}.o", tmp_path / f"{name}.elf"
+    subprocess.run(["gcc", "-c", "-o", obj, src], check=True)
+    subprocess.run(
+        [
+            "ld", "-m", "elf_x86_64", "-static", "-nostdlib", "--build-id=none",
+            "-z", "max-page-size=4096", "-Ttext-segment=0x100000", "-e", "_start",
+            "-o", elf, obj,
+        ],
+        check=True,
+    )  # fmt: skip
+    return str(elf)
+
+
+HELLO = """
+    mov $0x3f8, %dx
+    mov $'h', %al
+    out %al, %dx
+    mov $'i', %al
+    out %al, %dx
+    mov $0x2a, %al
+    out %al, $0xf4
+"""
+
+
+@pytest.fixture(scope="module")
+def hello(tmp_path_factory):
+    return build_probe(tmp_path_factory.mktemp("probe"), HELLO, "hello")
+
+
+def _err_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.decode().splitlines() if line.strip()]
+
+
+@requires_kvm
+@needs_toolchain
+def test_probe_prints_and_exits_through_the_debug_port(hello):
+    proc = run_cli("run", "--kernel", hello, "--no-host-quirks", timeout=120)
+    assert proc.returncode == (0x2A << 1) | 1, proc.stderr
+    assert proc.stdout == b"hi"
+
+
+@requires_kvm
+@needs_toolchain
+def test_quiet_run_says_nothing_on_stderr(hello):
+    proc = run_cli("run", "--kernel", hello, "--quiet", "--no-host-quirks", timeout=120)
+    assert proc.returncode == 85
+    assert proc.stderr == b""
+
+
+@requires_kvm
+@needs_toolchain
+def test_qemu_style_aliases(hello):
+    proc = run_cli("run", "-kernel", hello, "-m", "64M", "-append", "x=1", "--quiet", timeout=120)
+    assert proc.returncode == 85, proc.stderr
+
+
+@requires_kvm
+@needs_toolchain
+def test_console_log_and_timeline(hello, tmp_path):
+    log = tmp_path / "console.txt"
+    proc = run_cli(
+        "run", "--kernel", hello, "--console-log", log, "--timeline", "--quiet", timeout=120
+    )
+    assert proc.returncode == 85
+    assert log.read_bytes() == b"hi"
+    assert proc.stdout == b""
+    err = proc.stderr.decode()
+    for phase in ("exec", "kvm-ready", "kernel-mapped", "first-kvm-run", "first-serial-byte", "exit"):
+        assert f"\n{phase} " in "\n" + err, err
+
+
+@requires_kvm
+@needs_toolchain
+def test_timeout_exits_124(tmp_path):
+    spin = build_probe(tmp_path, "1: jmp 1b", "spin")
+    proc = run_cli("run", "--kernel", spin, "--timeout", "0.5", "--no-host-quirks", timeout=120)
+    assert proc.returncode == 124
+    assert "--timeout" in proc.stderr.decode()
+
+
+@requires_kvm
+@needs_toolchain
+def test_triple_fault_exits_1_with_one_line_and_a_register_dump(tmp_path):
+    # PVH enters with no IDT: the #UD from ud2 cannot be delivered.
+    crash = build_probe(tmp_path, "ud2", "crash")
+    proc = run_cli("run", "--kernel", crash, "--quiet", "--no-host-quirks", timeout=120)
+    assert proc.returncode == 1
+    lines = _err_lines(proc)
+    assert "triple-faulted" in lines[0] and lines[0].startswith("pvhboot: ")
+    assert any(line.startswith("RIP=") for line in lines[1:]), lines
+    assert "Traceback" not in proc.stderr.decode()
+
+
+@needs_toolchain
+def test_dry_run_prints_the_plan_and_exits_0(hello):
+    proc = run_cli("run", "--kernel", hello, "--dry-run", "--cmdline", "console=ttyS0")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.decode()
+    assert "pvh" in out and "console=ttyS0" in out
+
+
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["--memory", "12Q"], "12Q"),
+        (["--timeout", "soon"], "soon"),
+        (["--timeout", "-3"], "-3"),
+        (["--boot", "bios"], "bios"),
+    ],
+)
+def test_bad_flags_are_usage_errors(tmp_path, args, word):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    proc = run_cli("run", "--kernel", kernel, *args)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert word in err and "Traceback" not in err
+
+
+def test_missing_kernel_is_one_line_exit_1(tmp_path):
+    proc = run_cli("run", "--kernel", tmp_path / "nope", "--quiet")
+    assert proc.returncode == 1
+    lines = _err_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("pvhboot: error:"), lines
