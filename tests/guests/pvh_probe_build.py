@@ -9,7 +9,7 @@ against), compiles ``pvh_probe_entry.S`` and ``pvh_probe.c`` as freestanding
 picks the 4- or 8-byte descriptor of the "Xen" PVH note; ``elf_class=64``
 re-wraps the 32-bit image as an ELF64 file, as a Linux vmlinux is.
 
-``requires_kvm`` is re-exported from ``tests/conftest.py``.
+``requires_kvm`` and ``run_cli`` are re-exported from ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def _root_conftest():
 
 _root = _root_conftest()
 requires_kvm = _root.requires_kvm
+run_cli = _root.run_cli
 HAVE_KVM = _root.HAVE_KVM
 
 # The probe's exit codes (pvh_probe.c); the VMM reports (code << 1) | 1.

@@ -11,7 +11,7 @@ from 1 MiB) and the initrd at the top of RAM below 4 GiB, page aligned.
 from __future__ import annotations
 
 import pytest
-from pvh_probe_build import PASS_STATUS, PROBE_FAIL, requires_kvm
+from pvh_probe_build import PASS_STATUS, PROBE_FAIL, requires_kvm, run_cli
 
 MIB = 1 << 20
 GUEST_MEMORY = 128 * MIB
@@ -150,3 +150,27 @@ def test_pvh_probe_detects_wrong_cpu_state(probe_builder):
     assert "PROBE FAIL EFLAGS: got 0x46 expected 0x2" in result.console
     assert "PROBE FAIL TR type (32-bit TSS, busy): got 0x9 expected 0xb" in result.console
     assert result.status == (PROBE_FAIL + 3) << 1 | 1
+
+
+@requires_kvm
+def test_pvh_probe_through_the_cli(probe_builder, tmp_path):
+    """`pvhboot run` with QEMU-style options: the exit status is the probe's
+    debug-exit status, and its report reaches stdout."""
+    size = 5000
+    initrd, data = _initrd(tmp_path, size)
+    probe = probe_builder(
+        note_size=8,
+        elf_class=64,
+        cmdline="console=ttyS0",
+        memmap=MEMMAP_128M,
+        module=(_top_of_ram(size), size),
+        module_head=data[:32],
+        module_tail=data[-32:],
+    )
+    proc = run_cli(
+        "run", "-kernel", probe, "-initrd", initrd, "-append", "console=ttyS0", "-m", "128",
+        "--no-host-quirks", "--timeout", "120",
+    )
+    out = proc.stdout.decode(errors="replace")
+    assert "PROBE OK" in out, (out, proc.stderr.decode(errors="replace"))
+    assert proc.returncode == PASS_STATUS
