@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
 
 from ..errors import BootError
 from . import layout
@@ -67,12 +66,12 @@ class hvm_memmap_table_entry(ctypes.LittleEndianStructure):  # noqa: N801
     ]
 
 
-def _segments(elf: Any) -> list[Any]:
+def _segments(elf):
     return [s for s in elf.segments if s.type == PT_LOAD and s.memsz > 0]
 
 
 def plan_pvh(
-    elf: Any,
+    elf,  # image.elf.ElfInfo (duck-typed: pvh_entry, segments)
     elf_path: str,
     *,
     initrd: str | None,
@@ -139,7 +138,7 @@ def plan_pvh(
     lay.reserve("command line", layout.CMDLINE_ADDR, len(cmdline_bytes))
     chunks.append(Chunk(layout.CMDLINE_ADDR, len(cmdline_bytes), cmdline_bytes, "command line"))
 
-    modules: list[hvm_modlist_entry] = []
+    modules = []
     if initrd is not None:
         try:
             initrd_size = os.path.getsize(initrd)
