@@ -1,0 +1,474 @@
+"""The vmlinux ELF inside a bzImage (or a compressed ELF), on disk, cached.
+
+Booting a bzImage through PVH needs its payload ELF decompressed. That is
+done once per image: the result is kept at
+``$PVHBOOT_CACHE/vmlinux/<sha256 of the image>.vmlinux`` (default base
+``~/.cache/pvhboot``) with a small sidecar ``<sha256>.json``. A warm hit costs
+hashing the image and a cheap validation of the entry; nothing is
+decompressed (:data:`DECOMPRESSIONS` counts the runs, so tests can prove it).
+
+The payload is untrusted input. It is decompressed in a child process
+(``os.fork`` when this process has a single thread, else a fresh interpreter
+running :mod:`pvhboot.image._extract_worker`) with an address-space limit,
+a CPU-time limit and a wall-clock timeout, so a hostile stream costs the
+parent an error message and nothing else. The child writes straight into a
+temporary file in the cache directory; the parent checks its exit status,
+then fsyncs and renames the file into place, so an entry is either complete
+or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+from ..errors import CodecError, ImageError
+
+# Counts decompressions actually run by this process (cold misses and
+# use_cache=False); a warm hit leaves it alone.
+DECOMPRESSIONS = 0
+
+# Largest vmlinux accepted. Distribution kernels are 50-70 MB, allyesconfig
+# builds a few hundred MB; a stream that wants more is broken or hostile.
+MAX_VMLINUX = 1 << 30
+# The child may map this much beyond what it inherits from the parent: the
+# decoders' buffers, lzma's 64 MiB dictionary or zstd's 128 MiB window, with
+# room to spare. Output goes to a file, not to memory.
+CHILD_EXTRA_MEMORY = 768 << 20
+CHILD_CPU_SECONDS = 60
+CHILD_TIMEOUT = 120.0
+
+ELF_MAGIC = b"\x7fELF"
+# Sidecar check: the first and last CHECK_SPAN bytes of an entry are hashed.
+# Together with the exact size and the ELF headers being in range, this
+# catches truncated, partial and overwritten entries for the price of two
+# small reads; the entries are written atomically by us, so a full re-hash
+# on every boot would buy little.
+CHECK_SPAN = 64 << 10
+SIDECAR_VERSION = 1
+# Exit status the child uses to say "the message on the pipe is the error".
+_CHILD_REPORTED = 3
+
+
+@dataclass(frozen=True)
+class CachedVmlinux:
+    path: str  # an ELF file
+    hit: bool  # True: served from the cache, nothing decompressed
+    codec: str | None  # payload codec; None when the input already was an ELF
+    sha256: str  # of the image file
+    temporary: bool = field(default=False, compare=False)
+
+    def cleanup(self) -> None:
+        """Remove the file if it is a private temporary (use_cache=False)."""
+        if self.temporary:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def cache_dir_default() -> str:
+    base = os.environ.get("PVHBOOT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "pvhboot"
+    )
+    return os.path.join(base, "vmlinux")
+
+
+def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> CachedVmlinux:
+    """The vmlinux ELF of ``image_path`` (a bzImage or compressed ELF) as a file.
+
+    ``cache_dir`` is the directory holding the entries (default
+    ``$PVHBOOT_CACHE/vmlinux``). With ``use_cache=False`` the ELF goes to a
+    private temporary file; call ``.cleanup()`` when done with it.
+    """
+    import mmap
+
+    path = os.fspath(image_path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ImageError(f"{path}: the file is empty; not a kernel image")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with mm:
+        sha = hashlib.sha256(mm).hexdigest()
+        kind, codec, start, length = _locate(mm, path)
+        if kind == "elf":
+            return CachedVmlinux(path, False, None, sha)
+        if not use_cache:
+            import tempfile
+
+            fd, tmp = tempfile.mkstemp(prefix="pvhboot-vmlinux-", suffix=".elf")
+            try:
+                _decompress_file(mm, path, codec, start, length, fd, tmp, durable=False)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            finally:
+                os.close(fd)
+            return CachedVmlinux(tmp, False, codec, sha, temporary=True)
+
+        directory = os.fspath(cache_dir) if cache_dir is not None else cache_dir_default()
+        entry = os.path.join(directory, sha + ".vmlinux")
+        sidecar = os.path.join(directory, sha + ".json")
+        if _valid_entry(entry, sidecar, sha):
+            return CachedVmlinux(entry, True, codec, sha)
+        _unlink(sidecar)  # stale or corrupt: rebuild from scratch
+        _unlink(entry)
+        _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha)
+        return CachedVmlinux(entry, False, codec, sha)
+
+
+# --- where the compressed ELF is ----------------------------------------------
+
+
+def _locate(mm, path: str):
+    """(kind, codec, start, length): kind is 'elf', 'bzimage' or 'compressed-elf'."""
+    from .compression import CODECS, detect_codec
+
+    head = bytes(mm[:16])
+    if head.startswith(ELF_MAGIC):
+        return "elf", None, 0, len(mm)
+    if len(mm) >= 0x206 and bytes(mm[0x202:0x206]) == b"HdrS":
+        start, length = _payload_range(mm, path)
+        codec = detect_codec(mm[start : start + 16])
+        if codec is None:
+            raise ImageError(
+                f"{path}: the bzImage payload at {start:#x} starts with "
+                f"{bytes(mm[start : start + 4]).hex()}, which is none of Linux's codecs "
+                f"({' '.join(CODECS)})"
+            )
+        return "bzimage", codec, start, length
+    codec = detect_codec(head)
+    if codec is None:
+        raise ImageError(
+            f"{path}: not a kernel image: no ELF magic, no bzImage 'HdrS' header and no "
+            "known compression magic"
+        )
+    return "compressed-elf", codec, 0, len(mm)
+
+
+def _payload_range(mm, path: str) -> tuple[int, int]:
+    from .bzimage import parse_bzimage
+
+    bz = parse_bzimage(mm, what=path)
+    if not bz.payload_length:
+        raise ImageError(
+            f"{path}: the bzImage header gives no payload (protocol {bz.protocol_str}; "
+            "2.08 or later is needed to find the compressed vmlinux)"
+        )
+    return bz.payload_offset, bz.payload_length
+
+
+# --- the cache entry -----------------------------------------------------------
+
+
+def _valid_entry(entry: str, sidecar: str, sha: str) -> bool:
+    import json
+
+    try:
+        with open(sidecar, "rb") as f:
+            meta = json.loads(f.read(4096))
+        fd = os.open(entry, os.O_RDONLY)
+    except (OSError, ValueError):
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
+            return False
+        if meta.get("image_sha256") != sha or meta.get("size") != size:
+            return False
+        head = os.pread(fd, CHECK_SPAN, 0)
+        tail = os.pread(fd, CHECK_SPAN, max(0, size - CHECK_SPAN))
+        if meta.get("head") != hashlib.sha256(head).hexdigest():
+            return False
+        if meta.get("tail") != hashlib.sha256(tail).hexdigest():
+            return False
+        return _elf_headers_in_range(head, size)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _elf_headers_in_range(head: bytes, size: int) -> bool:
+    """ELF magic, and the program headers' file ranges inside ``size`` bytes."""
+    import struct
+
+    if len(head) < 64 or not head.startswith(ELF_MAGIC) or head[4] != 2 or head[5] != 1:
+        return False  # the x86-64 vmlinux is ELFCLASS64, little-endian
+    phoff, = struct.unpack_from("<Q", head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+    if phentsize < 56 or phoff + phentsize * phnum > len(head):
+        return False
+    for i in range(phnum):
+        _, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", head, phoff + i * phentsize)
+        if offset + filesz > size:
+            return False
+    return True
+
+
+def _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha) -> None:
+    import json
+    import tempfile
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + sha[:16], suffix=".part")
+    except OSError as exc:
+        raise ImageError(
+            f"cannot write the vmlinux cache in {directory}: {exc.strerror}; set PVHBOOT_CACHE "
+            "to a writable directory or boot with --no-cache"
+        ) from None
+    meta_tmp = None
+    try:
+        try:
+            _decompress_file(mm, path, codec, start, length, fd, tmp)
+        finally:
+            os.close(fd)
+        size = os.path.getsize(tmp)
+        with open(tmp, "rb") as f:
+            head = f.read(CHECK_SPAN)
+            f.seek(max(0, size - CHECK_SPAN))
+            tail = f.read(CHECK_SPAN)
+        meta = {
+            "version": SIDECAR_VERSION,
+            "image_sha256": sha,
+            "image": os.path.abspath(path),
+            "codec": codec,
+            "size": size,
+            "head": hashlib.sha256(head).hexdigest(),
+            "tail": hashlib.sha256(tail).hexdigest(),
+        }
+        mfd, meta_tmp = tempfile.mkstemp(dir=directory, prefix="." + sha[:16], suffix=".json")
+        with open(mfd, "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # The ELF first, then the sidecar that vouches for it: a crash in
+        # between leaves an entry without a sidecar, which is rebuilt.
+        os.replace(tmp, entry)
+        os.replace(meta_tmp, sidecar)
+        _fsync_dir(directory)
+    except BaseException:
+        _unlink(tmp)
+        if meta_tmp:
+            _unlink(meta_tmp)
+        raise
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+# --- decompression in a child process -----------------------------------------
+
+
+def _decompress_file(mm, path, codec, start, length, fd: int, tmp: str, durable=True) -> None:
+    """Decompress mm[start:start+length] into ``fd`` (the file ``tmp``) in a
+    child process under limits, then check the result and (for a cache entry,
+    which must survive a crash) fsync it. A private temporary file needs no
+    fsync: it dies with the boot that uses it."""
+    global DECOMPRESSIONS
+    DECOMPRESSIONS += 1
+    what = f"decompressing the {codec} payload of {path} failed"
+    if _single_threaded():
+        _run_forked(mm, codec, start, length, fd, what)
+    else:
+        _run_worker(path, codec, start, length, tmp, what)
+    head = os.pread(fd, 4, 0)
+    if head != ELF_MAGIC:
+        raise ImageError(
+            f"{path}: the {codec} payload does not decompress to an ELF (it starts with "
+            f"{head.hex() or 'nothing'}); not a Linux kernel payload"
+        )
+    if durable:
+        os.fsync(fd)
+
+
+def _single_threaded() -> bool:
+    # fork() in a process with other threads may copy a lock some thread
+    # holds; a fresh interpreter is the safe way then.
+    import threading
+
+    return threading.active_count() == 1
+
+
+def child_limits() -> tuple[int, int]:
+    """(RLIMIT_AS bytes, RLIMIT_CPU seconds) for a decompression child."""
+    return _address_space_now() + CHILD_EXTRA_MEMORY, CHILD_CPU_SECONDS
+
+
+def _address_space_now() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[0])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 256 << 20
+
+
+def apply_limits(address_space: int, cpu_seconds: int) -> None:
+    """Set the child's limits; called in the child before it touches the data."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+    # A crashing decoder must not leave a core dump the size of its heap.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_child(codec: str, src, fd: int) -> None:
+    """The child's work: stream src into fd. Raises CodecError/ImageError."""
+    from .compression import decompress_to
+
+    with open(fd, "wb", buffering=0, closefd=False) as out:
+        decompress_to(codec, src, out, max_output=MAX_VMLINUX)
+
+
+def _run_forked(mm, codec, start, length, fd, what) -> None:
+    address_space, cpu = child_limits()
+    # Import the decoders before forking so the child does not pay for (or
+    # fail on, under its memory limit) the imports.
+    from . import compression  # noqa: F401
+
+    rpipe, wpipe = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        status = 0
+        try:
+            os.close(rpipe)
+            apply_limits(address_space, cpu)
+            with memoryview(mm) as view:
+                run_child(codec, view[start : start + length], fd)
+        except BaseException as exc:  # report every failure as one line, then exit
+            status = _CHILD_REPORTED
+            try:
+                os.write(wpipe, _child_message(exc).encode("utf-8", "replace")[:4000])
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+    os.close(wpipe)
+    try:
+        message = _collect(rpipe, pid, what)
+    finally:
+        os.close(rpipe)
+    _, wait_status = os.waitpid(pid, 0)
+    _check_status(wait_status, message, what)
+
+
+def _collect(rfd: int, pid: int, what: str) -> bytes:
+    """Read the child's message until it closes the pipe (exits), or kill it
+    when CHILD_TIMEOUT passes."""
+    import select
+    import signal
+    import time
+
+    deadline = time.monotonic() + CHILD_TIMEOUT
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise CodecError(
+                f"{what}: it ran longer than {CHILD_TIMEOUT:.0f} s and was stopped; "
+                "the payload is hostile or corrupt"
+            )
+        ready, _, _ = select.select([rfd], [], [], left)
+        if ready:
+            data = os.read(rfd, 4096)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def _child_message(exc: BaseException) -> str:
+    from ..errors import PvhbootError
+
+    if isinstance(exc, PvhbootError):
+        kind = "image" if not isinstance(exc, CodecError) else "codec"
+        return f"{kind}\t{exc}"
+    if isinstance(exc, MemoryError):
+        return "codec\tit needs more memory than the child's limit allows"
+    if isinstance(exc, OSError):
+        return f"image\tcannot write the output: {exc.strerror or exc}"
+    return f"codec\t{type(exc).__name__}: {exc}"
+
+
+def _check_status(wait_status: int, message: bytes, what: str) -> None:
+    import signal
+
+    if os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0:
+        return
+    text = message.decode("utf-8", "replace").strip().replace("\n", " ")
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        if sig in (signal.SIGXCPU, signal.SIGKILL) and not text:
+            raise CodecError(
+                f"{what}: it used more than {CHILD_CPU_SECONDS} s of CPU and was stopped; "
+                "the payload is hostile or corrupt"
+            )
+        raise CodecError(
+            f"{what}: the decoder died with signal {signal.Signals(sig).name}; "
+            "the payload is hostile or corrupt"
+        )
+    kind, _, detail = text.partition("\t")
+    if not detail:
+        detail = f"the child exited with status {os.WEXITSTATUS(wait_status)}"
+    cls = ImageError if kind == "image" else CodecError
+    raise cls(f"{what}: {detail}")
+
+
+def _run_worker(path, codec, start, length, tmp, what) -> None:
+    """Decompress through ``python -m pvhboot.image._extract_worker``."""
+    import subprocess
+    import sys
+
+    address_space, cpu = child_limits()
+    # A fresh interpreter needs far less than this process may have mapped;
+    # its own baseline plus the decoders' share is enough.
+    address_space = min(address_space, (256 << 20) + CHILD_EXTRA_MEMORY)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pvhboot.image._extract_worker",
+        path,
+        codec,
+        str(start),
+        str(length),
+        tmp,
+        str(address_space),
+        str(cpu),
+    ]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, timeout=CHILD_TIMEOUT, check=False, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise CodecError(
+            f"{what}: it ran longer than {CHILD_TIMEOUT:.0f} s and was stopped; "
+            "the payload is hostile or corrupt"
+        ) from None
+    if proc.returncode < 0:
+        wait_status = -proc.returncode  # WIFSIGNALED form for _check_status
+    else:
+        wait_status = proc.returncode << 8
+    _check_status(wait_status, proc.stderr[-4000:], what)
