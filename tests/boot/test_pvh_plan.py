@@ -109,7 +109,7 @@ def test_no_pvh_entry_points_at_config_pvh(kernel):
 
 def test_kernel_does_not_fit(kernel):
     elf, path = kernel
-    with pytest.raises(BootError, match=r"kernel segment 0 .* does not fit in guest RAM.*--memory"):
+    with pytest.raises(BootError, match=r"kernel does not fit: .*0x1300000\).*more than 19M"):
         pvh.plan_pvh(elf, path, initrd=None, cmdline="", memory_size=8 * MIB)
 
 
