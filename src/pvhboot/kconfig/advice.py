@@ -11,6 +11,7 @@ Three answers come out of one load of the Kconfig tree:
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 
@@ -63,13 +64,13 @@ def _config_arg(report: ConfigReport) -> str:
     return ".config" if cfg.origin == "image" else shlex.quote(cfg.path)
 
 
-def _block(sol: Solution, report: ConfigReport, indent: str = "  ") -> list[str]:
+def _block(sol: Solution, report: ConfigReport, source: str, indent: str = "  ") -> list[str]:
     if sol.error:
         return [f"{indent}no answer: {sol.error}"]
     lines = [f"{indent}{line}" for line in sol.config_lines()]
-    lines.append(
-        f"{indent}or: {sol.scripts_config(_config_arg(report))} && make olddefconfig"
-    )
+    script = shlex.quote(os.path.join(source, "scripts", "config"))
+    lines.append(f"{indent}or run: {sol.scripts_config(_config_arg(report), script)}")
+    lines.append(f"{indent}then `make olddefconfig` with it as the build's .config")
     if sol.side_effects:
         names = ", ".join(n for n, _, _ in sol.side_effects[:6])
         more = f" and {len(sol.side_effects) - 6} more" if len(sol.side_effects) > 6 else ""
@@ -96,7 +97,7 @@ def format_solved(solved: Solved, report: ConfigReport, source: str) -> str:
         out.append("CONFIG_PVH is already y: nothing to switch on for the PVH entry.")
     else:
         out.append("To boot through PVH, append to the config:")
-        out.extend(_block(pvh, report))
+        out.extend(_block(pvh, report, source))
     selectors = [s for s in pvh.selectors.get("PVH", [])]
     if selectors:
         sel = ", ".join(f"CONFIG_{s}" for s in selectors)
@@ -119,7 +120,7 @@ def format_solved(solved: Solved, report: ConfigReport, source: str) -> str:
         out.append("Every required option is already y.")
     else:
         out.append("Everything required (PVH, 64-bit, console, initrd, devtmpfs, virtio-mmio):")
-        out.extend(_block(req, report))
+        out.extend(_block(req, report, source))
     return "\n".join(out)
 
 

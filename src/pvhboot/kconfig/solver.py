@@ -63,10 +63,11 @@ class Solution:
     def config_lines(self) -> list[str]:
         return [f"CONFIG_{name}={value}" for name, value in self.assignments]
 
-    def scripts_config(self, config_path: str = ".config") -> str:
+    def scripts_config(self, config_path: str = ".config", script: str = "scripts/config") -> str:
+        """The same changes as a scripts/config command line."""
         flags = {"y": "--enable", "m": "--module", "n": "--disable"}
         parts = [f"{flags[v]} {name}" for name, v in self.assignments]
-        return f"scripts/config --file {config_path} " + " ".join(parts)
+        return f"{script} --file {config_path} " + " ".join(parts)
 
     def to_json(self) -> dict:
         return {
