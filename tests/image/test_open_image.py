@@ -211,3 +211,17 @@ def test_debian_kernels(request, fixture, codec):
     assert img.elf.entry == entry
     assert img.entry_points.linux64 == img.bzimage.pref_address + 0x200
     json.dumps(img.to_json())
+
+
+@pytest.mark.parametrize("codec", ["xz", "zstd", "gzip"])
+def test_corrupt_payload_from_a_file_is_the_codec_error(codec_bzimage, tmp_path, codec):
+    # Read through an mmap: the codec's error must come out, not an mmap BufferError.
+    data, _ = codec_bzimage(codec)
+    bz = image_from_buffer(data, load_payload=False).bzimage
+    bad = bytearray(data)
+    mid = bz.payload_offset + bz.payload_length // 2
+    bad[mid : mid + 64] = b"\x5a" * 64
+    path = tmp_path / "bz"
+    path.write_bytes(bytes(bad))
+    with pytest.raises(ImageError, match=codec):
+        open_image(path)

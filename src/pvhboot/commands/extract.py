@@ -56,14 +56,21 @@ def extract(image: str, out: str, *, force: bool = False) -> dict:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:
             raise ImageError(f"{image}: the file is empty; not a kernel image") from None
-    with mm:
+    try:
         fmt, codec, start, length = _locate(mm, image)
         view = memoryview(mm)[start : start + length]
         try:
             size = _write_atomically(out, force, lambda fobj: _emit(codec, view, fobj), image,
                                      codec)
         finally:
-            view.release()
+            try:
+                view.release()
+            except BufferError:  # the decoder's traceback still holds a slice of it
+                pass
+    finally:
+        from ..image.kernel import close_quietly
+
+        close_quietly(mm)
     if fmt == "elf":
         print(f"pvhboot: {image} is already an uncompressed ELF; copied it unchanged to {out}",
               file=sys.stderr)

@@ -178,7 +178,27 @@ class _map:
         return self.mm
 
     def __exit__(self, *exc):
-        self.mm.close()
+        close_quietly(self.mm)
+
+
+def _release(view) -> None:
+    try:
+        view.release()
+    except BufferError:  # see close_quietly
+        pass
+
+
+def close_quietly(mm) -> None:
+    """Close an mmap, unless views of it are still alive.
+
+    A decoder that raised keeps views of the input alive in its traceback;
+    close() would then raise BufferError and hide the real error. The
+    mapping is released when the last view goes.
+    """
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def open_image(path, *, load_payload: bool = True) -> KernelImage:
@@ -304,7 +324,7 @@ def decompress_payload(data, bz: BzImageInfo, path: str) -> bytes:
     try:
         payload = decompress_bytes(bz.codec, view, max_output=MAX_PAYLOAD)
     finally:
-        view.release()
+        _release(view)
     if not is_elf(payload):
         raise ImageError(f"{path}: the {bz.codec} payload does not decompress to an ELF "
                          "(no \\x7fELF magic); not a Linux bzImage payload")
@@ -324,7 +344,7 @@ def _from_compressed(data, path: str, load_payload: bool) -> KernelImage:
     try:
         inner = decompress_bytes(codec, view, max_output=MAX_PAYLOAD)
     finally:
-        view.release()
+        _release(view)
     if not is_elf(inner):
         raise ImageError(f"{path}: {codec} data that does not decompress to an ELF; "
                          "not a compressed kernel")

@@ -1,0 +1,151 @@
+"""`pvhboot extract`: byte-identical to the codec CLIs, atomic, never clobbers without --force."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from pvhboot.image.bzimage import parse_bzimage
+
+CODECS = ["gzip", "bzip2", "lzma", "xz", "lzo", "lz4", "zstd"]
+
+
+def assert_one_line_error(proc, *words):
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    lines = err.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith("pvhboot: error: "), err
+    for w in words:
+        assert w in lines[0], err
+
+
+def leftovers(directory, keep=()):
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_matches_the_codec_cli(cli, codec_bzimage, codec_cli, tmp_path, codec):
+    data, elf = codec_bzimage(codec)
+    src = tmp_path / "bzImage"
+    src.write_bytes(data)
+    out = tmp_path / "vmlinux"
+    proc = cli("extract", src, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    bz = parse_bzimage(data)
+    _, decompress = codec_cli
+    stock = decompress(codec, data[bz.payload_offset : bz.payload_offset + bz.payload_length])
+    assert out.read_bytes() == stock == elf
+    assert leftovers(tmp_path) == ["bzImage", "vmlinux"]
+    # The mode a plain open() gives, not mkstemp's 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("codec", ["gzip", "xz", "zstd"])
+def test_compressed_elf(cli, codec_cli, make_pvh_elf, tmp_path, codec):
+    compress, _ = codec_cli
+    elf = make_pvh_elf()
+    src = tmp_path / "vmlinux.z"
+    src.write_bytes(compress(codec, elf, size_trailer=False))
+    proc = cli("extract", src, "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out").read_bytes() == elf
+
+
+def test_plain_elf_is_copied_with_a_note(cli, make_pvh_elf, tmp_path):
+    elf = make_pvh_elf()
+    (tmp_path / "vmlinux").write_bytes(elf)
+    proc = cli("extract", tmp_path / "vmlinux", "-o", tmp_path / "copy")
+    assert proc.returncode == 0
+    assert b"already an uncompressed ELF" in proc.stderr
+    assert (tmp_path / "copy").read_bytes() == elf
+
+
+def test_refuses_to_overwrite_without_force(cli, codec_bzimage, tmp_path):
+    data, elf = codec_bzimage("gzip")
+    (tmp_path / "bz").write_bytes(data)
+    out = tmp_path / "out"
+    out.write_bytes(b"precious")
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", out), "--force")
+    assert out.read_bytes() == b"precious"
+    proc = cli("extract", tmp_path / "bz", "-o", out, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == elf
+    assert leftovers(tmp_path) == ["bz", "out"]
+
+
+def test_corrupt_stream_leaves_nothing(cli, codec_bzimage, tmp_path):
+    data, _ = codec_bzimage("xz")
+    bz = parse_bzimage(data)
+    bad = bytearray(data)
+    mid = bz.payload_offset + bz.payload_length // 2
+    bad[mid : mid + 64] = b"\x5a" * 64
+    (tmp_path / "bz").write_bytes(bytes(bad))
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", tmp_path / "out"), "xz")
+    assert leftovers(tmp_path) == ["bz"]
+
+
+def test_payload_not_elf_leaves_nothing(cli, make_bzimage, codec_cli, tmp_path):
+    compress, _ = codec_cli
+    (tmp_path / "bz").write_bytes(make_bzimage(compress("gzip", b"\0" * 4096)))
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", tmp_path / "out"), "ELF")
+    assert leftovers(tmp_path) == ["bz"]
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [(b"", ["empty"]), (b"plain text\n" * 50, ["not a kernel image"])],
+)
+def test_bad_input(cli, tmp_path, content, words):
+    (tmp_path / "in").write_bytes(content)
+    assert_one_line_error(cli("extract", tmp_path / "in", "-o", tmp_path / "out"), *words)
+    assert leftovers(tmp_path) == ["in"]
+
+
+def test_unknown_codec(cli, make_bzimage, tmp_path):
+    (tmp_path / "bz").write_bytes(make_bzimage(b"\x00\x11\x22\x33" * 16))
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", tmp_path / "out"), "codec")
+
+
+def test_missing_output_directory(cli, codec_bzimage, tmp_path):
+    data, _ = codec_bzimage("gzip")
+    (tmp_path / "bz").write_bytes(data)
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", tmp_path / "no" / "out"))
+
+
+def test_interrupt_removes_the_temporary_file(codec_bzimage, tmp_path, monkeypatch):
+    from pvhboot.commands.extract import extract
+    from pvhboot.image import compression
+
+    data, _ = codec_bzimage("gzip")
+    (tmp_path / "bz").write_bytes(data)
+
+    def interrupted(codec, src, out, *, max_output):
+        out.write(b"\x7fELF partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compression, "decompress_to", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(str(tmp_path / "bz"), str(tmp_path / "out"))
+    assert leftovers(tmp_path) == ["bz"]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("fixture, codec", [("debian_cloud_kernel", "lz4"),
+                                            ("debian_generic_kernel", "xz")])
+def test_debian_kernels_match_the_codec_cli(request, cli, codec_cli, tmp_path, fixture, codec):
+    kernel = request.getfixturevalue(fixture)
+    data = kernel.vmlinuz.read_bytes()
+    bz = parse_bzimage(data)
+    out = tmp_path / "vmlinux"
+    proc = cli("extract", kernel.vmlinuz, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    _, decompress = codec_cli
+    stock = decompress(codec, data[bz.payload_offset :])  # as extract-vmlinux feeds it
+    got = out.read_bytes()
+    assert got[:4] == b"\x7fELF"
+    assert len(got) == len(stock) and got == stock
