@@ -264,9 +264,12 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
         mem.load_chunks(plan.chunks)
         timeline.mark("kernel-mapped")
         vcpu.setup(plan.cpu)
-        bus = _make_bus(vm, console, timeline)
+        bus, serial = _make_bus(vm, console, timeline)
         control = RunControl()
-        with _Timeout(machine.timeout, control):
+        host_input = console.echo_fd is not None and _stdin_worth_reading()
+        with _Timeout(machine.timeout, control, always=host_input), _host_console(
+            host_input, serial, control
+        ):
             outcome = run_vcpu(
                 vcpu,
                 bus,
@@ -299,9 +302,8 @@ def _make_bus(vm, console: _Console, timeline):
     from .machine.bus import Bus
 
     bus = Bus()
-    bus.add_port_device(
-        SERIAL_PORT, SERIAL_PORTS, Serial16550(vm.irq_line(SERIAL_IRQ), console.out)
-    )
+    serial = Serial16550(vm.irq_line(SERIAL_IRQ), console.out)
+    bus.add_port_device(SERIAL_PORT, SERIAL_PORTS, serial)
     bus.add_port_device(I8042_PORT, I8042_PORTS, I8042())
     bus.add_port_device(DEBUG_EXIT_PORT, 1, _debug_exit())
     try:
@@ -310,7 +312,68 @@ def _make_bus(vm, console: _Console, timeline):
         pass
     else:
         bus.add_port_device(BOOT_TIMER_PORT, 1, BootTimer(lambda: timeline.mark("boot-timer")))
-    return bus
+    return bus, serial
+
+
+def _stdin_worth_reading() -> bool:
+    """A terminal, pipe, socket or file on stdin; not /dev/null or a closed fd.
+
+    Reading /dev/null would only start a thread (and import its machinery)
+    to see EOF, which every scripted run and the benchmark would pay for.
+    """
+    import os
+    import stat
+
+    try:
+        if os.isatty(0):
+            return True
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)
+
+
+class _host_console:
+    """machine/console.Console (raw TTY + stdin reader) around the run, when wanted.
+
+    The reader thread is started with SIGALRM blocked, so it inherits the
+    mask and the timeout signal always lands on the vCPU (main) thread,
+    where it interrupts KVM_RUN. Ctrl-A x asks the loop to stop and kicks
+    the main thread out of KVM_RUN with that same signal.
+    """
+
+    def __init__(self, enabled: bool, serial, control) -> None:
+        self.enabled = enabled
+        self.serial = serial
+        self.control = control
+        self.console = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        import signal
+        import threading
+
+        from .machine.console import Console
+
+        main = threading.main_thread().ident
+
+        def quit_() -> None:
+            self.control.request_stop("quit")
+            signal.pthread_kill(main, signal.SIGALRM)
+
+        self.console = Console(self.serial.feed_input, on_quit=quit_)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            self.console.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
 
 
 class _Timeout:
@@ -323,27 +386,35 @@ class _Timeout:
 
     REPEAT = 0.05
 
-    def __init__(self, seconds: float | None, control) -> None:
+    def __init__(self, seconds: float | None, control, *, always: bool = False) -> None:
         self.seconds = seconds
         self.control = control
+        # ``always``: install the handler even without a timeout, so that
+        # other threads can kick KVM_RUN with SIGALRM (console quit).
+        self.active = bool(seconds) or always
         self.old = None
 
     def __enter__(self):
-        if self.seconds:
+        if self.active:
             import signal
 
             self.old = signal.signal(signal.SIGALRM, self._fire)
-            signal.setitimer(signal.ITIMER_REAL, self.seconds, self.REPEAT)
+            if self.seconds:
+                signal.setitimer(signal.ITIMER_REAL, self.seconds, self.REPEAT)
         return self
 
     def _fire(self, signum, frame) -> None:
-        self.control.request_stop("timeout")
+        # A kick from the console thread has already set its own reason;
+        # request_stop keeps the first one.
+        if self.seconds:
+            self.control.request_stop("timeout")
 
     def __exit__(self, *exc) -> None:
-        if self.seconds:
+        if self.active:
             import signal
 
-            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            if self.seconds:
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, self.old)
 
 

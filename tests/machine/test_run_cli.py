@@ -157,3 +157,64 @@ def test_missing_kernel_is_one_line_exit_1(tmp_path):
     assert proc.returncode == 1
     lines = _err_lines(proc)
     assert len(lines) == 1 and lines[0].startswith("pvhboot: error:"), lines
+
+
+@pytest.fixture(scope="module")
+def spin(tmp_path_factory):
+    return build_probe(tmp_path_factory.mktemp("spin"), "1: jmp 1b", "spin")
+
+
+@requires_kvm
+@needs_toolchain
+def test_timeout_fires_while_a_stdin_reader_runs(spin):
+    # Piped stdin starts the console reader thread; SIGALRM must still
+    # reach the vCPU thread.
+    proc = run_cli("run", "--kernel", spin, "--timeout", "0.5", "--quiet", input=b"abc", timeout=60)
+    assert proc.returncode == 124
+
+
+def _run_on_pty(args: list[str], keys: bytes) -> tuple[int, bytes, bool]:
+    import os
+    import pty
+    import sys
+    import termios
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execv(sys.executable, [sys.executable, "-m", "pvhboot", *args])
+    # wait until pvhboot has put the terminal in raw mode
+    deadline = time.monotonic() + 30
+    raw = False
+    while time.monotonic() < deadline and not raw:
+        raw = not termios.tcgetattr(fd)[3] & termios.ICANON
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.write(fd, keys)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out, raw
+
+
+@requires_kvm
+@needs_toolchain
+def test_ctrl_c_on_a_terminal_exits_130(spin):
+    status, out, raw = _run_on_pty(["run", "--kernel", spin, "--timeout", "30", "--quiet"], b"\x03")
+    assert raw, "the terminal was never put in raw mode"
+    assert status == 130, out
+    assert b"Traceback" not in out
+
+
+@requires_kvm
+@needs_toolchain
+def test_ctrl_a_x_quits_with_status_0(spin):
+    status, out, _ = _run_on_pty(["run", "--kernel", spin, "--timeout", "30", "--quiet"], b"\x01x")
+    assert status == 0, out

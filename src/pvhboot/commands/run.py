@@ -18,6 +18,10 @@ def _seconds(text: str) -> float:
     return value
 
 
+# Endings that are not failures; their message is printed only when not --quiet.
+_NOT_FAULTS = ("reset", "poweroff", "console-match", "debug-exit", "timeout", "quit")
+
+
 def register(sub):
     p = sub.add_parser(
         "run",
@@ -92,9 +96,8 @@ def run(args) -> int:
             print(format_plan(plan))
         return 0
 
-    with _terminal(args.console_log is None):
-        result = machine.run()
-    fault = result.reason not in ("reset", "poweroff", "console-match", "debug-exit", "timeout")
+    result = machine.run()
+    fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
         print(f"pvhboot: {result.message}", file=sys.stderr)
     if result.detail:
@@ -104,21 +107,3 @@ def run(args) -> int:
 
         print(format_timeline(result.timeline), file=sys.stderr)
     return result.status
-
-
-class _terminal:
-    """Raw mode and a stdin reader while the guest runs, when stdin is a TTY.
-
-    machine/console.py (devices helper) does the work; while it is absent,
-    or stdin is not a terminal, this does nothing.
-    """
-
-    def __init__(self, interactive: bool) -> None:
-        self.interactive = interactive
-        self.ctx = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass

@@ -114,6 +114,8 @@ def _stopped(control) -> Outcome:
     reason = control.stop_reason
     if reason == "timeout":
         return Outcome("timeout", STATUS_TIMEOUT, "the guest was stopped by --timeout")
+    if reason == "quit":
+        return Outcome("quit", STATUS_OK, "quit from the console (Ctrl-A x)")
     return Outcome(reason, STATUS_FAULT, f"the run was stopped ({reason})")
 
 
