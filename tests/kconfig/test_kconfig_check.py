@@ -183,3 +183,17 @@ def test_garbled_marker_copy_is_skipped(tmp_path):
 def test_directory_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="directory"):
         read_config(str(tmp_path))
+
+
+def test_non_x86_config_says_so():
+    text = make_config({"PVH": "n"}, header="# Linux/arm64 6.1.0 Kernel Configuration\n")
+    report = check_config(parse_config_text(text))
+    assert report.exit_status == EXIT_NO_PVH
+    assert "Linux/arm64" in report.pvh.detail and "x86 kernels only" in report.pvh.detail
+
+
+def test_latin1_config_is_still_a_config(tmp_path):
+    p = tmp_path / ".config"
+    p.write_bytes(make_config(GOOD).encode() + b'CONFIG_LOCALVERSION="-caf\xe9"\n')
+    cfg = read_config(str(p))
+    assert cfg.is_on("PVH") and cfg.get("LOCALVERSION").startswith('"-caf')

@@ -136,6 +136,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 
+# The arch names a .config header carries for x86 ("# Linux/x86 6.1.0 ...").
+X86_ARCHES = ("x86", "x86_64", "i386")
+
 # Initrd codecs: init/Kconfig's RD_<codec> options, one per decompressor.
 RD_CODECS = ("GZIP", "BZIP2", "LZMA", "XZ", "LZO", "LZ4", "ZSTD")
 
@@ -239,6 +242,8 @@ def check_config(cfg: DotConfig) -> ConfigReport:
         )
         if pvh_status.missing_needs:
             detail += "; in 6.1 it sits under 'Linux guest support' (CONFIG_HYPERVISOR_GUEST)"
+    if cfg.arch and cfg.arch not in X86_ARCHES:
+        detail += f"; this is a Linux/{cfg.arch} config, and pvhboot boots x86 kernels only"
     pvh = BootPath("pvh", pvh_status.ok, detail, pvh_status)
 
     x86_64 = _status(cfg, X86_64_OPTION)
@@ -294,7 +299,7 @@ def format_report(report: ConfigReport) -> str:
                     lines.append(f"         Note: {opt.note}.")
                 if opt.missing_needs:
                     needs = ", ".join(f"CONFIG_{n}" for n in opt.missing_needs)
-                    lines.append(f"         Also off here, and in front of it in 6.1: {needs}.")
+                    lines.append(f"         In 6.1 it also needs (off here): {needs}.")
     lines.append("")
     lines.append(f"Verdict: {_VERDICTS[report.exit_status]} (exit status {report.exit_status})")
     return "\n".join(lines)

@@ -97,14 +97,9 @@ def parse_config_text(text: str, path: str = "<config>", origin: str = "config")
 
 
 def _looks_like_text(head: bytes) -> bool:
-    if b"\0" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # A multi-byte character cut at the sniff boundary is still text.
-        return exc.start >= len(head) - 4
-    return True
+    # Kernel images are full of NUL bytes; a .config never has one. Encoding
+    # does not matter (help texts are not in a .config, strings may be Latin-1).
+    return b"\0" not in head
 
 
 def read_config(path: str) -> DotConfig:

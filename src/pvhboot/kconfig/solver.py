@@ -461,8 +461,8 @@ class Solver:
                 return None
             if kl.expr_value(sym.rev_dep) > maxval:
                 return None  # something selects it: switching that off is out of scope
-            if maxval in sym.assignable or (maxval == 0 and sym.visibility == 0):
-                return [(sym, maxval)] if sym.visibility else None
+            if sym.visibility and maxval in sym.assignable:
+                return [(sym, maxval)]
             return None
         if isinstance(expr, kl.Choice):
             return None
