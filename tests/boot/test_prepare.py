@@ -227,3 +227,8 @@ def test_bzimage_force_pvh_without_note(tmp_path, vmlinux_cache, cache_dir):
     k = _write(tmp_path, "bzImage", make_bzimage(make_elf(pvh=False)))
     with pytest.raises(BootError, match=r"--boot pvh.*no PVH entry.*CONFIG_PVH.*pvhboot kconfig"):
         prepare_boot(k, boot="pvh")
+
+
+def test_kernel_is_a_directory(tmp_path):
+    with pytest.raises(BootError, match="not a regular file"):
+        prepare_boot(str(tmp_path))

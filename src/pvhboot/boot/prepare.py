@@ -19,6 +19,7 @@ The result carries one line for stderr that says which path and why.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,22 +46,17 @@ class PreparedBoot:
 
 
 def _check_file(path: str, what: str) -> str:
+    """The path as str; BootError (one line) when it is missing, not a file or unreadable."""
     path = os.fspath(path)
     try:
         st = os.stat(path)
     except OSError as exc:
         raise BootError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
-    if not os.path.isfile(path) and not _is_char_or_fifo(st.st_mode):
+    if not stat.S_ISREG(st.st_mode):
         raise BootError(f"the {what} {path} is not a regular file: give the path of the file")
     if not os.access(path, os.R_OK):
         raise BootError(f"cannot read the {what} {path}: permission denied")
     return path
-
-
-def _is_char_or_fifo(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
 def _describe_bz(img: KernelImage) -> str:
