@@ -226,3 +226,24 @@ def test_bad_memory_size_is_a_usage_error():
         Machine(kernel="x", memory="12Q")
     with pytest.raises(UsageError, match="boot path"):
         Machine(kernel="x", boot="bios")
+
+
+def test_unbacked_memory_is_mmio_reads_all_ones(tmp_path):
+    # Above the 128 MiB of RAM nothing is mapped: accesses exit as MMIO to
+    # the bus, where nobody claims them.
+    code = asm32(
+        tmp_path,
+        """
+        mov $0x10000000, %esi
+        movl $0x12345678, (%esi)
+        mov (%esi), %eax
+        cmp $0xffffffff, %eax
+        jne 1f
+        mov $0x12, %al
+        out %al, $0xf4
+    1:  mov $0x24, %al
+        out %al, $0xf4
+        """,
+    )
+    result = run(plan_for(code))
+    assert result.status == (0x12 << 1) | 1, result.message
