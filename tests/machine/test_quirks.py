@@ -275,7 +275,7 @@ def test_cmdline_and_announcement():
     assert hq.apply_cmdline("console=ttyS0") == "console=ttyS0 " + hq.cmdline_suffix
     assert hq.apply_cmdline("clearcpuid=pku") == "clearcpuid=pku"
     line = hq.announce()
-    assert line.startswith("pvhboot: PVM host detected") and "--no-host-quirks" in line
+    assert line.startswith("PVM host detected") and "--no-host-quirks" in line
     off = HostQuirks(False, pvm_host=True)
     assert not off.active and off.cmdline_suffix == "" and off.announce() is None
 

@@ -98,10 +98,11 @@ class HostQuirks:
         return f"{cmdline} {CLEARCPUID}".strip()
 
     def announce(self) -> str | None:
+        """The one stderr line; the caller adds the "pvhboot: " prefix, as for every message."""
         if not self.active:
             return None
         return (
-            f"pvhboot: PVM host detected: applying host quirks ({CLEARCPUID}, "
+            f"PVM host detected: applying host quirks ({CLEARCPUID}, "
             "int3/wait/clac/stac emulation, MXCSR via KVM_SET_FPU); "
             "--no-host-quirks turns them off"
         )
