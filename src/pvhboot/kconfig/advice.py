@@ -4,7 +4,11 @@ Three answers come out of one load of the Kconfig tree:
 
 * ``pvh``: the options to switch on for ``CONFIG_PVH=y`` (the project's
   reason to exist);
-* ``per_option``: the same for each missing option, required or helpful;
+* ``per_option``: the same for each missing required option on its own, and
+  for each missing helpful option on top of the required set (so that, say,
+  VIRTIO_BLK reaches VIRTIO through VIRTIO_MMIO rather than through whichever
+  unrelated driver also selects it); only the lines beyond the required set
+  are shown for those;
 * ``required``: one combined set for PVH, 64-bit and every required option,
   ready to append to the .config.
 """
@@ -15,7 +19,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
-from .check import REQUIRED, ConfigReport
+from .check import HELPFUL, REQUIRED, ConfigReport
 from .solver import Solution
 
 
@@ -28,25 +32,38 @@ class Solved:
     per_option: dict[str, Solution]
 
 
-def _goal_names(report: ConfigReport) -> tuple[list[str], list[str]]:
+def _goal_names(report: ConfigReport) -> tuple[list[str], list[str], list[str]]:
     required = ["PVH", "X86_64"] + [
         o.name for o in report.options if o.level == REQUIRED and o.name != "RD_*"
     ]
     missing = [p.option.name for p in (report.pvh, report.linux64) if not p.ok]
-    missing += [o.name for o in report.options if not o.ok and o.name != "RD_*"]
-    return required, missing
+    missing += [o.name for o in report.options if o.level == REQUIRED and not o.ok]
+    helpful = [
+        o.name for o in report.options if o.level == HELPFUL and not o.ok and o.name != "RD_*"
+    ]
+    return required, missing, helpful
 
 
 def solve_report(report: ConfigReport, source: str) -> Solved:
-    from .solver import solve_for_config
+    from .solver import Solver, kernel_version, load_kconfig
 
-    required, missing = _goal_names(report)
-    goal_sets = {"pvh": [("PVH", "y")], "required": [(n, "y") for n in required]}
-    for name in missing:
-        goal_sets[f"option:{name}"] = [(name, "y")]
-    solutions, version = solve_for_config(source, report.config.text, goal_sets)
-    per_option = {k.split(":", 1)[1]: v for k, v in solutions.items() if k.startswith("option:")}
-    return Solved(source, version, solutions["pvh"], solutions["required"], per_option)
+    required, missing, helpful = _goal_names(report)
+    kconf = load_kconfig(source)
+    text = report.config.text
+    with Solver(kconf, text) as solver:
+        pvh = solver.solve([("PVH", "y")])
+        req = solver.solve([(n, "y") for n in required])
+        per_option = {name: solver.solve([(name, "y")]) for name in missing}
+    if helpful:
+        # Helpful options are solved on the config with the required lines
+        # appended, so their answers are exactly the lines to add after those.
+        base = text if req.error else text + "\n" + "\n".join(req.config_lines()) + "\n"
+        with Solver(kconf, base) as solver:
+            for name in helpful:
+                sol = solver.solve([(name, "y")])
+                sol.on_top_of_required = not req.error
+                per_option[name] = sol
+    return Solved(source, kernel_version(source), pvh, req, per_option)
 
 
 def solved_json(solved: Solved, source: str) -> dict:
@@ -105,11 +122,20 @@ def format_solved(solved: Solved, report: ConfigReport, source: str) -> str:
             f"CONFIG_PVH is also selected by {sel}, but PVH alone is enough: "
             "no Xen support is needed."
         )
-    others = {k: v for k, v in solved.per_option.items() if k != "PVH"}
-    if others:
+    for title, extra in (
+        ("Per missing required option (each on its own):", False),
+        ("Per missing helpful option (lines beyond the required set below):", True),
+    ):
+        group = {
+            k: v
+            for k, v in solved.per_option.items()
+            if k != "PVH" and v.on_top_of_required == extra
+        }
+        if not group:
+            continue
         out.append("")
-        out.append("Per missing option (each on its own):")
-        for name, sol in others.items():
+        out.append(title)
+        for name, sol in group.items():
             if sol.error:
                 out.append(f"  CONFIG_{name}: no answer: {sol.error}")
             else:

@@ -129,6 +129,28 @@ OPTIONS: tuple[Option, ...] = (
         needs=("HYPERVISOR_GUEST", "PARAVIRT"),
     ),
     Option(
+        "VIRTIO_BLK",
+        HELPFUL,
+        "The driver for pvhboot's virtio disk, which appears as /dev/vda only with it.",
+        module_note="it is a module: the disk appears only once an initrd loads it",
+        needs=("BLOCK", "VIRTIO_MMIO"),
+    ),
+    Option(
+        "VIRTIO_CONSOLE",
+        HELPFUL,
+        "The driver for pvhboot's virtio console (hvc0), a faster console than the UART.",
+        module_note="it is a module: hvc0 appears only once an initrd loads it",
+        needs=("TTY", "VIRTIO_MMIO"),
+    ),
+    Option(
+        "HW_RANDOM_VIRTIO",
+        HELPFUL,
+        "Feeds the guest's entropy pool from pvhboot's virtio-rng, so early getrandom() "
+        "calls do not block.",
+        module_note="it is a module: it feeds entropy only once loaded",
+        needs=("HW_RANDOM", "VIRTIO_MMIO"),
+    ),
+    Option(
         "IKCONFIG",
         HELPFUL,
         "Embeds this config in the kernel, so `pvhboot kconfig` and `inspect` can read it "

@@ -59,6 +59,9 @@ class Solution:
     error: str | None = None  # why no solution was found
     side_effects: list[tuple[str, str, str]] = field(default_factory=list)  # name, old, new
     selectors: dict[str, list[str]] = field(default_factory=dict)  # goal -> symbols selecting it
+    # True when solved together with the required set and `assignments`
+    # holds only the lines beyond it (see advice.py).
+    on_top_of_required: bool = False
 
     def config_lines(self) -> list[str]:
         return [f"CONFIG_{name}={value}" for name, value in self.assignments]
@@ -80,6 +83,7 @@ class Solution:
                 {"name": f"CONFIG_{n}", "from": old, "to": new} for n, old, new in self.side_effects
             ],
             "selected_by": {f"CONFIG_{k}": [f"CONFIG_{s}" for s in v] for k, v in self.selectors.items()},
+            "on_top_of_required": self.on_top_of_required,
         }
 
 
