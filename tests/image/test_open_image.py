@@ -225,3 +225,22 @@ def test_corrupt_payload_from_a_file_is_the_codec_error(codec_bzimage, tmp_path,
     path.write_bytes(bytes(bad))
     with pytest.raises(ImageError, match=codec):
         open_image(path)
+
+
+def test_non_elf_stream_is_refused_early(codec_cli, monkeypatch):
+    # A big compressed file that is not an ELF is refused on its first output
+    # chunk, not after being decompressed whole into memory.
+    from pvhboot.image import compression
+
+    compress, _ = codec_cli
+    seen = []
+    real = compression.decompress_to
+
+    def spy(codec, src, out, *, max_output):
+        seen.append(max_output)
+        return real(codec, src, out, max_output=max_output)
+
+    monkeypatch.setattr(compression, "decompress_to", spy)
+    with pytest.raises(ImageError, match="does not decompress to an ELF"):
+        image_from_buffer(compress("zstd", bytes(8 << 20), size_trailer=False))
+    assert seen

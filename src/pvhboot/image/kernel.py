@@ -21,9 +21,9 @@ import mmap
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ImageError
+from ..errors import CodecError, ImageError
 from .bzimage import BzImageInfo, is_bzimage, is_pe, parse_bzimage
-from .elf import EM_X86_64, PT_LOAD, ElfInfo, is_elf, parse_elf
+from .elf import ELF_MAGIC, EM_X86_64, PT_LOAD, ElfInfo, is_elf, parse_elf
 
 SCHEMA_VERSION = 1
 # Decompressed payloads are held in memory; no real vmlinux is near this, and
@@ -317,22 +317,58 @@ def payload_view(data, bz: BzImageInfo, path: str = "bzImage"):
     return memoryview(data)[bz.payload_offset : bz.payload_offset + bz.payload_length]
 
 
-def decompress_payload(data, bz: BzImageInfo, path: str) -> bytes:
-    from .compression import decompress_bytes
+class _ElfBuffer:
+    """A write target that gives up at once when the output does not start with \\x7fELF.
 
-    view = payload_view(data, bz, path)
+    Non-kernel data is refused after its first chunk instead of after being
+    decompressed whole (up to MAX_PAYLOAD) into memory.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        import io
+
+        self.buf = io.BytesIO()
+        self.head = b""
+
+    def write(self, chunk) -> int:
+        if len(self.head) < 4:
+            self.head += bytes(chunk[: 4 - len(self.head)])
+            if len(self.head) >= 4 and self.head != ELF_MAGIC:
+                # A CodecError passes through the decoder loop unchanged.
+                raise CodecError(_not_elf(self.what))
+        return self.buf.write(chunk)
+
+    def value(self) -> bytes:
+        return self.buf.getvalue()
+
+
+def _decompress_elf(codec: str, data, start: int, length: int, what: str) -> bytes:
+    from .compression import decompress_to
+
+    view = memoryview(data)[start : start + length]
+    out = _ElfBuffer(what)
     try:
-        payload = decompress_bytes(bz.codec, view, max_output=MAX_PAYLOAD)
+        decompress_to(codec, view, out, max_output=MAX_PAYLOAD)
     finally:
         _release(view)
-    if not is_elf(payload):
-        raise ImageError(f"{path}: the {bz.codec} payload does not decompress to an ELF "
-                         "(no \\x7fELF magic); not a Linux bzImage payload")
-    return payload
+    if out.head != ELF_MAGIC:
+        raise ImageError(_not_elf(what))
+    return out.value()
+
+
+def _not_elf(what: str) -> str:
+    return f"{what} does not decompress to an ELF (no \\x7fELF magic); not a Linux kernel"
+
+
+def decompress_payload(data, bz: BzImageInfo, path: str) -> bytes:
+    payload_view(data, bz, path).release()  # validates the payload and its codec
+    return _decompress_elf(bz.codec, data, bz.payload_offset, bz.payload_length,
+                           f"{path}: the {bz.codec} payload")
 
 
 def _from_compressed(data, path: str, load_payload: bool) -> KernelImage:
-    from .compression import decompress_bytes, detect_codec
+    from .compression import detect_codec
 
     codec = detect_codec(data[:16])
     if codec is None:
@@ -340,14 +376,7 @@ def _from_compressed(data, path: str, load_payload: bool) -> KernelImage:
                          "no PE header and no known compression magic")
     if not load_payload:
         return KernelImage(path, "compressed-elf", codec, None, EntryPoints(), None)
-    view = memoryview(data)
-    try:
-        inner = decompress_bytes(codec, view, max_output=MAX_PAYLOAD)
-    finally:
-        _release(view)
-    if not is_elf(inner):
-        raise ImageError(f"{path}: {codec} data that does not decompress to an ELF; "
-                         "not a compressed kernel")
+    inner = _decompress_elf(codec, data, 0, len(data), f"{path}: the {codec} data")
     img = _from_elf(parse_elf(inner, what=f"{path}: decompressed ELF"), path,
                     "compressed-elf", codec, inner)
     img._payload = inner
