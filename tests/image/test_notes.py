@@ -129,3 +129,21 @@ def _raw_type(note) -> int:
     from elftools.elf.enums import ENUM_NOTE_N_TYPE
 
     return ENUM_NOTE_N_TYPE.get(t, -1)
+
+
+def test_notes_from_sht_note_sections_without_pt_note(make_elf, make_note):
+    # An ELF with no PT_NOTE (e.g. a relinked object) still has its SHT_NOTE sections read.
+    data = bytearray(make_elf())
+    note = make_note("Xen", 18, struct.pack("<I", 0x1000850))
+    note_at = len(data)
+    data += note
+    shoff = len(data)
+    data += bytes(64)  # SHT_NULL
+    data += struct.pack("<IIQQQQIIQQ", 0, 7, 0, 0, note_at, len(note), 0, 0, 4, 0)
+    struct.pack_into("<Q", data, 0x28, shoff)  # e_shoff
+    struct.pack_into("<HHH", data, 0x3A, 64, 2, 0)  # e_shentsize, e_shnum, e_shstrndx
+    elf = parse_elf(bytes(data))
+    assert elf.pvh_entry == 0x1000850
+    struct.pack_into("<H", data, 0x3C, 5000)  # absurd e_shnum
+    with pytest.raises(ImageError, match="section header"):
+        parse_elf(bytes(data))

@@ -156,7 +156,8 @@ def parse_elf(data, *, what: str = "ELF") -> ElfInfo:
                                    p_flags, p_align))
 
     notes: list[ElfNote] = []
-    note_segs = [s for s in segments if s.type == PT_NOTE]
+    # An empty PT_NOTE says nothing, whatever its (then unused) offset.
+    note_segs = [s for s in segments if s.type == PT_NOTE and s.filesz]
     for seg in note_segs:
         notes.extend(parse_notes(data, seg.offset, seg.filesz,
                                  where=f"{what}: PT_NOTE at {seg.offset:#x}"))
