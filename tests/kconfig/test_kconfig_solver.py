@@ -191,3 +191,29 @@ def test_make_olddefconfig_keeps_the_answer(kconf, allnoconfig, srctree, tmp_pat
     final = (out / ".config").read_text().splitlines()
     for name, want in REQUIRED_GOALS:
         assert f"CONFIG_{name}={want}" in final, name
+
+
+def test_choice_member(kconf, allnoconfig, tmp_path):
+    # "Kernel compression mode" is a choice; picking a member is one line.
+    with Solver(kconf, allnoconfig) as solver:
+        sol = solver.solve([("KERNEL_ZSTD", "y")])
+    assert sol.verified and sol.assignments == [("KERNEL_ZSTD", "y")]
+    after = _values_after_append(kconf, tmp_path, allnoconfig, sol.config_lines())
+    assert after["KERNEL_ZSTD"] == "y" and after["KERNEL_GZIP"] == "n"
+
+
+def test_helpful_options_are_solved_on_top_of_the_required_set(srctree, tinyconfig, tmp_path, kconf):
+    from pvhboot.kconfig.advice import solve_report
+    from pvhboot.kconfig.check import check_config
+    from pvhboot.kconfig.dotconfig import parse_config_text
+
+    report = check_config(parse_config_text(tinyconfig, "tiny.config"))
+    solved = solve_report(report, str(srctree))
+    assert solved.pvh.assignments == [("HYPERVISOR_GUEST", "y"), ("PVH", "y")]
+    blk = solved.per_option["VIRTIO_BLK"]
+    assert blk.on_top_of_required and blk.verified
+    # VIRTIO comes from VIRTIO_MMIO in the required set, not from another driver.
+    assert blk.assignments == [("BLOCK", "y"), ("VIRTIO_BLK", "y")]
+    lines = solved.required.config_lines() + blk.config_lines()
+    after = _values_after_append(kconf, tmp_path, tinyconfig, lines)
+    assert after["VIRTIO_BLK"] == "y" and after["PVH"] == "y"
