@@ -244,3 +244,17 @@ def test_non_elf_stream_is_refused_early(codec_cli, monkeypatch):
     with pytest.raises(ImageError, match="does not decompress to an ELF"):
         image_from_buffer(compress("zstd", bytes(8 << 20), size_trailer=False))
     assert seen
+
+
+@pytest.mark.kernel
+def test_project_test_kernel(test_kernel):
+    """The project's own build: bzImage facts agree with its vmlinux and its .config."""
+    img = open_image(test_kernel.vmlinuz)
+    assert img.format == "bzimage" and img.pvh_capable is True
+    assert img.config_text() == test_kernel.config.read_text()
+    loads, pvh, entry = _pyelftools_facts(test_kernel.vmlinux.read_bytes())
+    assert img.entry_points.pvh == pvh
+    assert [(s.paddr, s.memsz) for s in img.elf.load_segments] == [(p, m) for p, _, m in loads]
+    elf = open_image(test_kernel.vmlinux)
+    assert elf.format == "elf" and elf.entry_points.pvh == pvh
+    assert elf.kernel_release == img.kernel_release

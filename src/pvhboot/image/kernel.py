@@ -82,16 +82,16 @@ class KernelImage:
         if self._config is False:
             from .ikconfig import find_config
 
-            # Only a plain ELF is the kernel itself; elsewhere the raw bytes are
-            # mostly compressed data, where a marker can appear by chance.
-            strict = self.format == "elf"
+            # Marker bytes also turn up by chance inside compressed data (a
+            # bzImage payload, the decompressor ELF, a built-in initramfs), so
+            # a marker whose stream does not decode is skipped, not an error.
             if self._raw is not None:
-                text = find_config(self._raw, strict=strict)
+                text = find_config(self._raw, strict=False)
             else:
                 with _map(self.path) as mm:
-                    text = find_config(mm, strict=strict)
+                    text = find_config(mm, strict=False)
             if text is None and self._payload is not None:
-                text = find_config(self._payload)
+                text = find_config(self._payload, strict=False)
             self._config = text
         return self._config
 
