@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
 
 from ..errors import CodecError, ImageError
 
@@ -51,13 +50,34 @@ SIDECAR_VERSION = 1
 _CHILD_REPORTED = 3
 
 
-@dataclass(frozen=True)
 class CachedVmlinux:
-    path: str  # an ELF file
-    hit: bool  # True: served from the cache, nothing decompressed
-    codec: str | None  # payload codec; None when the input already was an ELF
-    sha256: str  # of the image file
-    temporary: bool = field(default=False, compare=False)
+    """Where the vmlinux ELF is, and how it got there.
+
+    A plain class rather than a dataclass: ``dataclasses`` pulls in
+    ``inspect`` and costs ~10 ms of imports on the boot path.
+    """
+
+    __slots__ = ("path", "hit", "codec", "sha256", "temporary")
+
+    def __init__(self, path: str, hit: bool, codec: str | None, sha256: str,
+                 temporary: bool = False):
+        self.path = path  # an ELF file
+        self.hit = hit  # True: served from the cache, nothing decompressed
+        self.codec = codec  # payload codec; None when the input already was an ELF
+        self.sha256 = sha256  # of the image file
+        self.temporary = temporary  # a private file that cleanup() removes
+
+    def __repr__(self) -> str:
+        return (f"CachedVmlinux(path={self.path!r}, hit={self.hit}, codec={self.codec!r}, "
+                f"sha256={self.sha256!r}, temporary={self.temporary})")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CachedVmlinux):
+            return NotImplemented
+        return (self.path, self.hit, self.codec, self.sha256) == (
+            other.path, other.hit, other.codec, other.sha256)
+
+    __hash__ = None
 
     def cleanup(self) -> None:
         """Remove the file if it is a private temporary (use_cache=False)."""
