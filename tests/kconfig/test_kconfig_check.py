@@ -197,3 +197,31 @@ def test_latin1_config_is_still_a_config(tmp_path):
     p.write_bytes(make_config(GOOD).encode() + b'CONFIG_LOCALVERSION="-caf\xe9"\n')
     cfg = read_config(str(p))
     assert cfg.is_on("PVH") and cfg.get("LOCALVERSION").startswith('"-caf')
+
+
+def test_fuzz_read_config_only_raises_pvhboot_errors():
+    # Any bytes: a parsed config, or one of our one-line errors; never a raw
+    # ValueError/IndexError/zlib.error from the sniffing or the IKCONFIG scan.
+    hypothesis = pytest.importorskip("hypothesis")
+    import tempfile
+
+    from hypothesis import strategies as st
+
+    from pvhboot.errors import PvhbootError
+
+    prefixes = st.sampled_from([b"", b"CONFIG_PVH=y\n", b"\x7fELF", b"IKCFG_ST\x1f\x8b", b"MZ"])
+
+    @hypothesis.settings(max_examples=200, deadline=None)
+    @hypothesis.given(prefix=prefixes, body=st.binary(max_size=2048))
+    def check(prefix, body):
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(prefix + body)
+            f.flush()
+            try:
+                cfg = read_config(f.name)
+            except PvhbootError as exc:
+                assert "\n" not in str(exc)
+            else:
+                assert cfg.values
+
+    check()
