@@ -18,7 +18,6 @@ docs/inspect-json.md; change it only together with that file and
 from __future__ import annotations
 
 import mmap
-import re
 from dataclasses import dataclass, field
 
 from ..errors import CodecError, ImageError
@@ -222,7 +221,9 @@ def image_from_buffer(data, path: str = "<memory>", *, load_payload: bool = True
         raise ImageError(f"{path}: the file is empty; not a kernel image")
     raw = data if _keep_raw else None
     if is_elf(data):
-        img = _from_elf(parse_elf(data, what=path), path, "elf", None, data)
+        # The banner scan reads the whole file: skip it on the headers-only (boot) path.
+        img = _from_elf(parse_elf(data, what=path), path, "elf", None,
+                        data if load_payload else None)
     elif is_bzimage(data):
         img = _from_bzimage(data, path, load_payload)
     elif is_pe(data):
@@ -244,7 +245,8 @@ def _from_elf(elf: ElfInfo, path: str, fmt: str, codec: str | None, data) -> Ker
         linux64=elf.entry_paddr if elf.elf_class == 64 and elf.machine == EM_X86_64 else None,
         xen_pv=elf.xen_pv_entry,
     )
-    return KernelImage(path, fmt, codec, _banner_version(data), entries,
+    version = _banner_version(data) if data is not None else None
+    return KernelImage(path, fmt, codec, version, entries,
                        elf.pvh_entry is not None, elf=elf, payload_size=elf.size)
 
 
@@ -265,11 +267,16 @@ def _banner_version(data) -> str | None:
         line = chunk.split(b"\n", 1)[0].split(b"\0", 1)[0].decode("ascii", "replace").strip()
         # Format strings such as "Linux version %s" also match; a banner starts with a digit.
         if line[:1].isdigit():
-            if re.search(r"#\d", line):
+            if _has_build_number(line):
                 return line
             found = found or line
         at = data.find(BANNER_PREFIX, start)
     return found
+
+
+def _has_build_number(line: str) -> bool:
+    at = line.find("#")
+    return at >= 0 and line[at + 1 : at + 2].isdigit()
 
 
 def _from_bzimage(data, path: str, load_payload: bool) -> KernelImage:
