@@ -118,7 +118,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "PARAVIRT",
         HELPFUL,
-        "Paravirtual hooks that KVM guest support builds on.",
+        "KVM guest support (kvm-clock) is built on these paravirtual hooks and cannot be "
+        "switched on without them.",
         needs=("HYPERVISOR_GUEST",),
     ),
     Option(
@@ -289,7 +290,7 @@ def check_config(cfg: DotConfig) -> ConfigReport:
             "y" if codecs else "n",
             bool(codecs),
             "With no RD_<codec> the kernel only takes an uncompressed initramfs; enable the "
-            "codec your initrd uses (RD_GZIP for `pvhboot` built ones).",
+            "codec your initrd uses (RD_GZIP for the ones pvhboot builds).",
             note=("initrd codecs: " + ", ".join(c.lower() for c in codecs)) if codecs else None,
         )
         options.append(rd)
