@@ -125,3 +125,16 @@ def test_mmap_input(tmp_path, make_pvh_elf):
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         assert parse_elf(mm).pvh_entry == 0x1000850
     assert read_elf_file(str(path)).pvh_entry == 0x1000850
+
+
+def test_abi_struct_sizes():
+    import ctypes
+
+    from pvhboot.image import elf, notes
+
+    # elf.h: the sizes e_ehsize, e_phentsize and e_shentsize carry in real files.
+    assert ctypes.sizeof(elf.Elf32_Ehdr) == 52 and ctypes.sizeof(elf.Elf64_Ehdr) == 64
+    assert ctypes.sizeof(elf.Elf32_Phdr) == 32 and ctypes.sizeof(elf.Elf64_Phdr) == 56
+    assert ctypes.sizeof(elf.Elf32_Shdr) == 40 and ctypes.sizeof(elf.Elf64_Shdr) == 64
+    assert ctypes.sizeof(notes.Elf_Nhdr) == 12
+    assert elf.Elf64_Phdr.p_offset.offset == 8 and elf.Elf32_Phdr.p_flags.offset == 24

@@ -9,7 +9,7 @@ corrupt header gives one ImageError line and never a big allocation.
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from dataclasses import dataclass, field
 
 from ..errors import ImageError
@@ -34,15 +34,76 @@ PN_XNUM = 0xFFFF
 # a kernel loaded at 16 MiB.
 START_KERNEL_MAP = 0xFFFFFFFF80000000
 
-_EHDR = {
-    ELFCLASS32: struct.Struct("<16sHHIIIIIHHHHHH"),
-    ELFCLASS64: struct.Struct("<16sHHIQQQIHHHHHH"),
+
+
+# ELF gABI structures (elf.h). All little-endian; ELF64 moved p_flags up.
+class Elf32_Ehdr(ctypes.LittleEndianStructure):  # noqa: N801 (C ABI name)
+    _fields_ = [
+        ("e_ident", ctypes.c_uint8 * 16), ("e_type", ctypes.c_uint16),
+        ("e_machine", ctypes.c_uint16), ("e_version", ctypes.c_uint32),
+        ("e_entry", ctypes.c_uint32), ("e_phoff", ctypes.c_uint32),
+        ("e_shoff", ctypes.c_uint32), ("e_flags", ctypes.c_uint32),
+        ("e_ehsize", ctypes.c_uint16), ("e_phentsize", ctypes.c_uint16),
+        ("e_phnum", ctypes.c_uint16), ("e_shentsize", ctypes.c_uint16),
+        ("e_shnum", ctypes.c_uint16), ("e_shstrndx", ctypes.c_uint16),
+    ]
+
+
+class Elf64_Ehdr(ctypes.LittleEndianStructure):  # noqa: N801
+    _fields_ = [
+        ("e_ident", ctypes.c_uint8 * 16), ("e_type", ctypes.c_uint16),
+        ("e_machine", ctypes.c_uint16), ("e_version", ctypes.c_uint32),
+        ("e_entry", ctypes.c_uint64), ("e_phoff", ctypes.c_uint64),
+        ("e_shoff", ctypes.c_uint64), ("e_flags", ctypes.c_uint32),
+        ("e_ehsize", ctypes.c_uint16), ("e_phentsize", ctypes.c_uint16),
+        ("e_phnum", ctypes.c_uint16), ("e_shentsize", ctypes.c_uint16),
+        ("e_shnum", ctypes.c_uint16), ("e_shstrndx", ctypes.c_uint16),
+    ]
+
+
+class Elf32_Phdr(ctypes.LittleEndianStructure):  # noqa: N801
+    _fields_ = [
+        ("p_type", ctypes.c_uint32), ("p_offset", ctypes.c_uint32),
+        ("p_vaddr", ctypes.c_uint32), ("p_paddr", ctypes.c_uint32),
+        ("p_filesz", ctypes.c_uint32), ("p_memsz", ctypes.c_uint32),
+        ("p_flags", ctypes.c_uint32), ("p_align", ctypes.c_uint32),
+    ]
+
+
+class Elf64_Phdr(ctypes.LittleEndianStructure):  # noqa: N801
+    _fields_ = [
+        ("p_type", ctypes.c_uint32), ("p_flags", ctypes.c_uint32),
+        ("p_offset", ctypes.c_uint64), ("p_vaddr", ctypes.c_uint64),
+        ("p_paddr", ctypes.c_uint64), ("p_filesz", ctypes.c_uint64),
+        ("p_memsz", ctypes.c_uint64), ("p_align", ctypes.c_uint64),
+    ]
+
+
+class Elf32_Shdr(ctypes.LittleEndianStructure):  # noqa: N801
+    _fields_ = [
+        ("sh_name", ctypes.c_uint32), ("sh_type", ctypes.c_uint32),
+        ("sh_flags", ctypes.c_uint32), ("sh_addr", ctypes.c_uint32),
+        ("sh_offset", ctypes.c_uint32), ("sh_size", ctypes.c_uint32),
+        ("sh_link", ctypes.c_uint32), ("sh_info", ctypes.c_uint32),
+        ("sh_addralign", ctypes.c_uint32), ("sh_entsize", ctypes.c_uint32),
+    ]
+
+
+class Elf64_Shdr(ctypes.LittleEndianStructure):  # noqa: N801
+    _fields_ = [
+        ("sh_name", ctypes.c_uint32), ("sh_type", ctypes.c_uint32),
+        ("sh_flags", ctypes.c_uint64), ("sh_addr", ctypes.c_uint64),
+        ("sh_offset", ctypes.c_uint64), ("sh_size", ctypes.c_uint64),
+        ("sh_link", ctypes.c_uint32), ("sh_info", ctypes.c_uint32),
+        ("sh_addralign", ctypes.c_uint64), ("sh_entsize", ctypes.c_uint64),
+    ]
+
+
+# class -> (Ehdr, Phdr, Shdr)
+_STRUCTS = {
+    ELFCLASS32: (Elf32_Ehdr, Elf32_Phdr, Elf32_Shdr),
+    ELFCLASS64: (Elf64_Ehdr, Elf64_Phdr, Elf64_Shdr),
 }
-# Field order differs between the classes: p_flags moved in ELF64.
-_PHDR32 = struct.Struct("<IIIIIIII")  # type offset vaddr paddr filesz memsz flags align
-_PHDR64 = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz memsz align
-_SHDR32 = struct.Struct("<IIIIIIIIII")  # name type flags addr offset size link info align entsize
-_SHDR64 = struct.Struct("<IIQQQQIIQQ")
 
 
 @dataclass(frozen=True)
@@ -113,47 +174,43 @@ def parse_elf(data, *, what: str = "ELF") -> ElfInfo:
         raise ImageError(f"{what}: truncated ELF header ({size} bytes)")
     ident = bytes(data[:16])
     elf_class = ident[EI_CLASS]
-    if elf_class not in _EHDR:
+    if elf_class not in _STRUCTS:
         raise ImageError(f"{what}: unknown ELF class {elf_class} (expected 1=ELF32 or 2=ELF64)")
     if ident[EI_DATA] != ELFDATA2LSB:
         raise ImageError(f"{what}: big-endian or unknown data encoding {ident[EI_DATA]}; "
                          "only little-endian x86 kernels are supported")
-    ehdr = _EHDR[elf_class]
-    if size < ehdr.size:
-        raise ImageError(f"{what}: truncated ELF header ({size} of {ehdr.size} bytes)")
-    (_, _e_type, machine, _version, entry, phoff, shoff, _flags, _ehsize,
-     phentsize, phnum, shentsize, shnum, _shstrndx) = ehdr.unpack_from(data, 0)
-    phdr = _PHDR64 if elf_class == ELFCLASS64 else _PHDR32
+    ehdr_t, phdr_t, _ = _STRUCTS[elf_class]
+    ehsize, phsize = ctypes.sizeof(ehdr_t), ctypes.sizeof(phdr_t)
+    if size < ehsize:
+        raise ImageError(f"{what}: truncated ELF header ({size} of {ehsize} bytes)")
+    eh = ehdr_t.from_buffer_copy(data[:ehsize])
+    phoff, phnum, phentsize = eh.e_phoff, eh.e_phnum, eh.e_phentsize
     bits = 64 if elf_class == ELFCLASS64 else 32
 
     if phnum == PN_XNUM:
         raise ImageError(f"{what}: e_phnum is PN_XNUM (program header count stored elsewhere, "
                          "which no kernel does); the ELF header is corrupt")
-    if phnum and phentsize < phdr.size:
+    if phnum and phentsize < phsize:
         raise ImageError(f"{what}: e_phentsize {phentsize} is smaller than an ELF{bits} "
-                         f"program header ({phdr.size}); the header is corrupt")
-    if phnum and (phoff < ehdr.size or phoff > size or phnum * phentsize > size - phoff):
+                         f"program header ({phsize}); the header is corrupt")
+    if phnum and (phoff < ehsize or phoff > size or phnum * phentsize > size - phoff):
         raise ImageError(f"{what}: program header table ({phnum} x {phentsize} bytes at "
                          f"{phoff:#x}) lies outside the {size}-byte file; truncated or corrupt")
 
     segments: list[ElfSegment] = []
     for i in range(phnum):
         at = phoff + i * phentsize
-        if elf_class == ELFCLASS64:
-            p_type, p_flags, p_off, p_vaddr, p_paddr, p_filesz, p_memsz, p_align = (
-                phdr.unpack_from(data, at))
-        else:
-            p_type, p_off, p_vaddr, p_paddr, p_filesz, p_memsz, p_flags, p_align = (
-                phdr.unpack_from(data, at))
-        if p_type in (PT_LOAD, PT_NOTE) and p_filesz and (
+        ph = phdr_t.from_buffer_copy(data[at : at + phsize])
+        p_off, p_filesz = ph.p_offset, ph.p_filesz
+        if ph.p_type in (PT_LOAD, PT_NOTE) and p_filesz and (
                 p_off > size or p_filesz > size - p_off):
             raise ImageError(f"{what}: segment {i} (offset {p_off:#x}, {p_filesz} bytes) "
                              f"extends past the end of the {size}-byte file; truncated?")
-        if p_type == PT_LOAD and p_filesz > p_memsz:
+        if ph.p_type == PT_LOAD and p_filesz > ph.p_memsz:
             raise ImageError(f"{what}: PT_LOAD segment {i} has filesz {p_filesz:#x} > "
-                             f"memsz {p_memsz:#x}; the header is corrupt")
-        segments.append(ElfSegment(p_type, p_off, p_vaddr, p_paddr, p_filesz, p_memsz,
-                                   p_flags, p_align))
+                             f"memsz {ph.p_memsz:#x}; the header is corrupt")
+        segments.append(ElfSegment(ph.p_type, p_off, ph.p_vaddr, ph.p_paddr, p_filesz,
+                                   ph.p_memsz, ph.p_flags, ph.p_align))
 
     notes: list[ElfNote] = []
     # An empty PT_NOTE says nothing, whatever its (then unused) offset.
@@ -161,37 +218,39 @@ def parse_elf(data, *, what: str = "ELF") -> ElfInfo:
     for seg in note_segs:
         notes.extend(parse_notes(data, seg.offset, seg.filesz,
                                  where=f"{what}: PT_NOTE at {seg.offset:#x}"))
-    if not note_segs and shnum and shoff:
-        notes.extend(_section_notes(data, elf_class, shoff, shentsize, shnum, what))
+    if not note_segs and eh.e_shnum and eh.e_shoff:
+        notes.extend(_section_notes(data, elf_class, eh.e_shoff, eh.e_shentsize, eh.e_shnum,
+                                    what))
 
     pvh = pvh_entry_from_notes(notes)
     xen_pv = xen_pv_entry_from_notes(notes)
     return ElfInfo(
         elf_class=bits,
-        machine=machine,
-        entry=entry,
+        machine=eh.e_machine,
+        entry=eh.e_entry,
         segments=segments,
         notes=notes,
         pvh_entry=pvh,
         xen_pv_entry=xen_pv,
-        entry_paddr=physical_address(segments, entry),
+        entry_paddr=physical_address(segments, eh.e_entry),
         size=size,
     )
 
 
 def _section_notes(data, elf_class, shoff, shentsize, shnum, what) -> list[ElfNote]:
     """Notes from SHT_NOTE sections, for ELFs without a PT_NOTE segment."""
-    shdr = _SHDR64 if elf_class == ELFCLASS64 else _SHDR32
+    shdr_t = _STRUCTS[elf_class][2]
+    shsize = ctypes.sizeof(shdr_t)
     size = len(data)
-    if shentsize < shdr.size or shoff > size or shnum * shentsize > size - shoff:
+    if shentsize < shsize or shoff > size or shnum * shentsize > size - shoff:
         raise ImageError(f"{what}: section header table ({shnum} x {shentsize} bytes at "
                          f"{shoff:#x}) lies outside the {size}-byte file; truncated or corrupt")
     notes: list[ElfNote] = []
     for i in range(shnum):
-        fields = shdr.unpack_from(data, shoff + i * shentsize)
-        sh_type, sh_offset, sh_size = fields[1], fields[4], fields[5]
-        if sh_type == SHT_NOTE and sh_size:
-            notes.extend(parse_notes(data, sh_offset, sh_size,
+        at = shoff + i * shentsize
+        sh = shdr_t.from_buffer_copy(data[at : at + shsize])
+        if sh.sh_type == SHT_NOTE and sh.sh_size:
+            notes.extend(parse_notes(data, sh.sh_offset, sh.sh_size,
                                      where=f"{what}: SHT_NOTE section {i}"))
     return notes
 

@@ -11,7 +11,7 @@ ABI_TAG. Every lookup here is by the raw ``(owner, type)`` pair.
 
 from __future__ import annotations
 
-import struct
+import ctypes
 from dataclasses import dataclass
 
 from ..errors import ImageError
@@ -56,7 +56,14 @@ GNU_NOTE_NAMES = {
 }
 _NAMES_BY_OWNER = {"Xen": XEN_NOTE_NAMES, "Linux": LINUX_NOTE_NAMES, "GNU": GNU_NOTE_NAMES}
 
-_NOTE_HEADER = struct.Struct("<III")
+
+
+class Elf_Nhdr(ctypes.LittleEndianStructure):  # noqa: N801 (C ABI name; same in ELF32 and ELF64)
+    _fields_ = [("n_namesz", ctypes.c_uint32), ("n_descsz", ctypes.c_uint32),
+                ("n_type", ctypes.c_uint32)]
+
+
+NHDR_SIZE = ctypes.sizeof(Elf_Nhdr)
 NOTE_ALIGN = 4  # see module docstring: always 4, never p_align
 # A single owner name longer than this is not a real note; it is a corrupt size.
 MAX_OWNER_LEN = 256
@@ -90,9 +97,10 @@ def parse_notes(data, start: int, size: int, *, where: str = "note segment") -> 
     notes: list[ElfNote] = []
     off = start
     # Fewer than a header's worth of bytes at the end is padding, not a note.
-    while end - off >= _NOTE_HEADER.size:
-        namesz, descsz, ntype = _NOTE_HEADER.unpack_from(data, off)
-        name_at = off + _NOTE_HEADER.size
+    while end - off >= NHDR_SIZE:
+        nh = Elf_Nhdr.from_buffer_copy(data[off : off + NHDR_SIZE])
+        namesz, descsz, ntype = nh.n_namesz, nh.n_descsz, nh.n_type
+        name_at = off + NHDR_SIZE
         desc_at = name_at + _pad(namesz)
         if namesz > end - name_at or desc_at > end or descsz > end - desc_at:
             raise ImageError(
