@@ -258,3 +258,12 @@ def test_project_test_kernel(test_kernel):
     elf = open_image(test_kernel.vmlinux)
     assert elf.format == "elf" and elf.entry_points.pvh == pvh
     assert elf.kernel_release == img.kernel_release
+
+
+def test_pe_struct_sizes():
+    import ctypes
+
+    from pvhboot.image.pe import CoffFileHeader, OptionalHeaderStandard
+
+    assert ctypes.sizeof(CoffFileHeader) == 20  # PE spec 3.3
+    assert ctypes.sizeof(OptionalHeaderStandard) == 20  # 3.4.1, through AddressOfEntryPoint

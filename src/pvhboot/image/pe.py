@@ -7,6 +7,7 @@ optional header. That is what `efi_pe` reports.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
@@ -15,11 +16,34 @@ from ..errors import ImageError
 MZ_MAGIC = b"MZ"
 OFF_E_LFANEW = 0x3C
 PE_SIGNATURE = b"PE\0\0"
-# COFF file header (PE spec 3.3): Machine, NumberOfSections, TimeDateStamp,
-# PointerToSymbolTable, NumberOfSymbols, SizeOfOptionalHeader, Characteristics.
-_COFF = struct.Struct("<HHIIIHH")
-# Optional header (3.4): Magic, linker versions, three sizes, AddressOfEntryPoint.
-_OPT_HEAD = struct.Struct("<HBBIIII")
+
+
+class CoffFileHeader(ctypes.LittleEndianStructure):
+    """PE spec 3.3 "COFF File Header (Object and Image)", after "PE\\0\\0"."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("Machine", ctypes.c_uint16), ("NumberOfSections", ctypes.c_uint16),
+        ("TimeDateStamp", ctypes.c_uint32), ("PointerToSymbolTable", ctypes.c_uint32),
+        ("NumberOfSymbols", ctypes.c_uint32), ("SizeOfOptionalHeader", ctypes.c_uint16),
+        ("Characteristics", ctypes.c_uint16),
+    ]
+
+
+class OptionalHeaderStandard(ctypes.LittleEndianStructure):
+    """PE spec 3.4.1: the standard fields common to PE32 and PE32+ (up to the entry point)."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("Magic", ctypes.c_uint16), ("MajorLinkerVersion", ctypes.c_uint8),
+        ("MinorLinkerVersion", ctypes.c_uint8), ("SizeOfCode", ctypes.c_uint32),
+        ("SizeOfInitializedData", ctypes.c_uint32),
+        ("SizeOfUninitializedData", ctypes.c_uint32), ("AddressOfEntryPoint", ctypes.c_uint32),
+    ]
+
+
+_COFF_SIZE = ctypes.sizeof(CoffFileHeader)
+_OPT_SIZE = ctypes.sizeof(OptionalHeaderStandard)
 OPT_OFF_SUBSYSTEM = 68  # same offset in PE32 and PE32+
 PE32_MAGIC, PE32PLUS_MAGIC = 0x10B, 0x20B
 IMAGE_FILE_MACHINE_I386 = 0x14C
@@ -45,21 +69,24 @@ def parse_pe(data, *, what: str = "PE image") -> PeInfo:
     if size < OFF_E_LFANEW + 4 or bytes(data[:2]) != MZ_MAGIC:
         raise ImageError(f"{what}: no 'MZ' DOS header; not a PE image")
     (lfanew,) = struct.unpack_from("<I", data, OFF_E_LFANEW)
-    if lfanew > size - 4 - _COFF.size or bytes(data[lfanew : lfanew + 4]) != PE_SIGNATURE:
+    if lfanew > size - 4 - _COFF_SIZE or bytes(data[lfanew : lfanew + 4]) != PE_SIGNATURE:
         raise ImageError(f"{what}: no 'PE\\0\\0' signature at e_lfanew {lfanew:#x}; "
                          "not a PE image")
-    machine, nsections, _, _, _, opt_size, _ = _COFF.unpack_from(data, lfanew + 4)
-    opt_at = lfanew + 4 + _COFF.size
+    coff_at = lfanew + 4
+    coff = CoffFileHeader.from_buffer_copy(data[coff_at : coff_at + _COFF_SIZE])
+    opt_at = coff_at + _COFF_SIZE
     magic = entry = 0
     subsystem = None
-    if opt_size >= _OPT_HEAD.size and opt_at + _OPT_HEAD.size <= size:
-        magic, _, _, _, _, _, entry = _OPT_HEAD.unpack_from(data, opt_at)
-        if opt_size >= OPT_OFF_SUBSYSTEM + 2 and opt_at + OPT_OFF_SUBSYSTEM + 2 <= size:
-            (subsystem,) = struct.unpack_from("<H", data, opt_at + OPT_OFF_SUBSYSTEM)
+    if coff.SizeOfOptionalHeader >= _OPT_SIZE and opt_at + _OPT_SIZE <= size:
+        opt = OptionalHeaderStandard.from_buffer_copy(data[opt_at : opt_at + _OPT_SIZE])
+        magic, entry = opt.Magic, opt.AddressOfEntryPoint
+        sub_at = opt_at + OPT_OFF_SUBSYSTEM
+        if coff.SizeOfOptionalHeader >= OPT_OFF_SUBSYSTEM + 2 and sub_at + 2 <= size:
+            (subsystem,) = struct.unpack_from("<H", data, sub_at)
     return PeInfo(
-        machine=machine,
-        machine_name=MACHINE_NAMES.get(machine),
-        sections=nsections,
+        machine=coff.Machine,
+        machine_name=MACHINE_NAMES.get(coff.Machine),
+        sections=coff.NumberOfSections,
         pe32plus=magic == PE32PLUS_MAGIC,
         entry_rva=entry,
         subsystem=subsystem,
