@@ -211,7 +211,12 @@ def test_fuzz_read_config_only_raises_pvhboot_errors():
 
     prefixes = st.sampled_from([b"", b"CONFIG_PVH=y\n", b"\x7fELF", b"IKCFG_ST\x1f\x8b", b"MZ"])
 
-    @hypothesis.settings(max_examples=200, deadline=None)
+    # Other test runs share this 2-core machine: slowness is not a failure.
+    @hypothesis.settings(
+        max_examples=200,
+        deadline=None,
+        suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    )
     @hypothesis.given(prefix=prefixes, body=st.binary(max_size=2048))
     def check(prefix, body):
         with tempfile.NamedTemporaryFile() as f:
