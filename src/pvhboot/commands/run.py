@@ -96,6 +96,7 @@ def run(args) -> int:
             print(format_plan(plan))
         return 0
 
+    machine.defer_teardown = True
     result = machine.run()
     fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
@@ -106,4 +107,8 @@ def run(args) -> int:
         from ..machine.timeline import format_timeline
 
         print(format_timeline(result.timeline), file=sys.stderr)
+    if machine._open_vm is not None:
+        from ..api import exit_leaving_teardown
+
+        exit_leaving_teardown(result.status)  # does not return
     return result.status
