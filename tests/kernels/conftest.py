@@ -108,6 +108,7 @@ class Boot:
     plan: object  # pvhboot.boot.plan.BootPlan
     result: object  # pvhboot.RunResult
     seconds: float
+    path_message: str  # the one stderr line: which boot path and why
 
     @property
     def console(self) -> str:
@@ -146,6 +147,44 @@ class Boot:
     def initrd_chunks(self) -> list:
         return [c for c in self.plan.chunks if c.label == "initrd"]
 
+    def check_reached_init(self, initrd: Path) -> None:
+        """What the kernel itself says it got, against what this boot gave it:
+        the command line, the memory map, where the initrd is; then /init ran.
+        Holds for PVH (hvm_start_info) and the Linux protocol (boot_params)."""
+        from pvhboot.boot.layout import PAGE_SIZE, align_up, memory_map
+        from pvhboot.boot.plan import E820_TYPE_NAMES
+
+        ctx = self.context()
+        assert self.result.reason == "console-match", ctx
+        assert self.result.status == 0, ctx
+
+        # The command line this test made up (unique per boot); the VMM may
+        # append the host quirks after it.
+        seen = self.command_line_seen()
+        assert seen is not None, "no 'Command line:' on the console" + ctx
+        assert seen == self.plan.cmdline.strip(), ctx
+        assert seen.startswith(self.cmdline) and self.marker in seen, ctx
+
+        # The memory map, as the kernel read it (hvm_start_info memmap or the
+        # zero page's e820 table): one source of truth, layout.memory_map().
+        assert self.plan.memory_map == memory_map(GUEST_MEMORY_BYTES)
+        expected = [(r.addr, r.end, E820_TYPE_NAMES[r.type])
+                    for r in memory_map(GUEST_MEMORY_BYTES)]
+        assert self.e820_seen() == expected, ctx
+
+        # The initrd: where the plan put it, to the page.
+        chunks = self.initrd_chunks()
+        assert len(chunks) == 1, self.plan.chunks
+        start, size = chunks[0].addr, chunks[0].size
+        assert start % PAGE_SIZE == 0
+        assert size == Path(initrd).stat().st_size
+        assert self.ramdisk_seen() == (start, align_up(start + size, PAGE_SIZE)), ctx
+        assert "Unpacking initramfs..." in self.console, ctx
+        # A cpio the kernel cannot read shows up here, and then no /init runs.
+        assert "Initramfs unpacking failed" not in self.console, ctx
+
+        assert RUN_INIT in self.console, ctx
+
 
 def unique_cmdline(extra: str = "") -> tuple[str, str]:
     """A command line no other boot uses, and the marker word in it.
@@ -179,13 +218,14 @@ def boot_kernel():
             cmdline=cmdline, memory=GUEST_MEMORY, boot=boot, timeout=timeout, stop_on=stop_on,
         )
         plan = machine.plan()
+        path_message = machine.prepare().message
         start = time.monotonic()
         result = machine.run()
         seconds = time.monotonic() - start
-        b = Boot(str(kernel), cmdline, marker, plan, result, seconds)
+        b = Boot(str(kernel), cmdline, marker, plan, result, seconds, path_message)
         print(f"\nboot {Path(kernel).name} boot={boot} protocol={plan.protocol}: "
               f"reason={result.reason} status={result.status} in {seconds:.1f} s; "
-              f"{result.message}; timeline={result.timeline}")
+              f"{result.message}; timeline={result.timeline}; path: {path_message}")
         return b
 
     return boot
