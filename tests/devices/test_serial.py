@@ -255,3 +255,36 @@ def test_feed_input_from_another_thread():
             got.append(uart.read(u.RBR_THR, 1))
     t.join()
     assert bytes(got) == data
+
+
+def test_linux_autoconfig_sees_a_plain_16550a():
+    # The register dance of drivers/tty/serial/8250/8250_port.c autoconfig()
+    # and autoconfig_16550a(), reduced to what decides the port type.
+    uart, _, out = make()
+    # IER probe: 0 then 0x0F must read back.
+    uart.write(u.IER, 1, 0)
+    assert uart.read(u.IER, 1) & 0x0F == 0
+    uart.write(u.IER, 1, 0x0F)
+    assert uart.read(u.IER, 1) & 0x0F == 0x0F
+    uart.write(u.IER, 1, 0)
+    # Loopback: MCR=LOOP|0x0A must show CTS|DCD.
+    uart.write(u.MCR, 1, u.MCR_LOOP | 0x0A)
+    assert uart.read(u.MSR, 1) & 0xF0 == 0x90
+    uart.write(u.MCR, 1, 0)
+    # EFR probe (LCR=0xBF), then FIFO enable: IIR bits 7:6 == 3 -> 16550A family.
+    uart.write(u.LCR, 1, 0xBF)
+    uart.write(u.IIR_FCR, 1, 0)  # "EFR" write lands on FCR on a 16550A
+    uart.write(u.LCR, 1, 0)
+    uart.write(u.IIR_FCR, 1, u.FCR_ENABLE_FIFO)
+    assert uart.read(u.IIR_FCR, 1) >> 6 == 3
+    # ST16C650 test: with DLAB set, offset 2 must not read 0 (it reads IIR).
+    uart.write(u.LCR, 1, 0x80)
+    assert uart.read(u.IIR_FCR, 1) != 0
+    # 16750 test: IIR bit 5 (64-byte FIFO) must stay clear.
+    uart.write(u.LCR, 1, 0)
+    uart.write(u.IIR_FCR, 1, u.FCR_ENABLE_FIFO | 0x20)
+    assert (uart.read(u.IIR_FCR, 1) >> 5) & 1 == 0
+    # XScale test: IER bit 6 (UUE) must not stick.
+    uart.write(u.IER, 1, 0x40)
+    assert not uart.read(u.IER, 1) & 0x40
+    assert out == []
