@@ -288,3 +288,28 @@ def test_linux_autoconfig_sees_a_plain_16550a():
     uart.write(u.IER, 1, 0x40)
     assert not uart.read(u.IER, 1) & 0x40
     assert out == []
+
+
+def test_interrupt_driven_transmit_drains_without_stalling():
+    # The 8250 tty path: start_tx enables THRI, each interrupt the handler
+    # reads IIR and refills up to a FIFO's worth, stop_tx clears THRI when empty.
+    uart, irq, out = make()
+    uart.write(u.IIR_FCR, 1, u.FCR_ENABLE_FIFO)
+    pending = bytearray(b"x" * 100)
+    uart.write(u.IER, 1, u.IER_THRI)  # start_tx
+    rounds = 0
+    while irq.level:
+        rounds += 1
+        assert rounds < 50, "interrupt storm or stall"
+        iir = uart.read(u.IIR_FCR, 1)
+        if iir & u.IIR_NO_INT:
+            break
+        assert iir & 0x0F == u.IIR_THRI
+        assert uart.read(u.LSR, 1) & u.LSR_THRE
+        chunk, pending[:] = pending[:16], pending[16:]
+        for b in chunk:
+            uart.write(u.RBR_THR, 1, b)
+        if not pending:
+            uart.write(u.IER, 1, 0)  # stop_tx
+    assert b"".join(out) == b"x" * 100
+    assert rounds == 7 and not irq.level
