@@ -137,3 +137,23 @@ def test_real_system_map_if_built():
     addr = next(int(line.split()[0], 16) for line in text.splitlines()
                 if line.endswith(" start_kernel"))
     assert sm.lookup(addr + 5) == "start_kernel+0x5"
+
+
+class _Vcpu:
+    def __init__(self, regs, sregs):
+        self.regs, self.sregs = regs, sregs
+
+    def get_regs(self):
+        return self.regs
+
+    def get_sregs(self):
+        return self.sregs
+
+
+def test_internal_error_report_reads_the_vcpu(mem):
+    mem.write(0x1000, b"\x0f\xae\x20")  # xsave [eax] in 32-bit mode
+    r = kvm_regs()
+    r.rip = 0x1000
+    msg = d.internal_error_report(_Vcpu(r, flat32()), mem, 1, [0x10])
+    assert msg.startswith("KVM internal error: emulation failure at RIP=0x1000: xsave ptr [eax]")
+    assert "[data 0x10]" in msg
