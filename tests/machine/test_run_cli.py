@@ -218,3 +218,17 @@ def test_ctrl_c_on_a_terminal_exits_130(spin):
 def test_ctrl_a_x_quits_with_status_0(spin):
     status, out, _ = _run_on_pty(["run", "--kernel", spin, "--timeout", "30", "--quiet"], b"\x01x")
     assert status == 0, out
+
+
+@requires_kvm
+@needs_toolchain
+def test_api_boots_the_same_probe_without_a_shell(hello):
+    from pvhboot import Machine
+
+    machine = Machine(kernel=hello, cmdline="probe=1", memory="64M", quiet=True)
+    plan = machine.plan()
+    assert plan.protocol == "pvh" and plan.memory_size == 64 << 20
+    assert "probe=1" in plan.cmdline
+    result = machine.run()
+    assert (result.reason, result.status, result.console) == ("debug-exit", 85, "hi")
+    assert result.timeline["exit"] >= result.timeline["first-kvm-run"] > 0
