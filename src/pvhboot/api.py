@@ -208,6 +208,8 @@ class Machine:
 class _Console:
     """Where serial output goes: stdout, a capture buffer, a log file, the stop pattern."""
 
+    TAIL_MAX = 16384  # bytes of unfinished output kept for stop_on
+
     def __init__(self, machine: Machine, timeline) -> None:
         self.timeline = timeline
         self.capture = bytearray() if machine.capture_console else None
@@ -243,6 +245,9 @@ class _Console:
                 # matched within a line (or across one line break).
                 lines = self.tail.split(b"\n")
                 self.tail = bytearray(b"\n".join(lines[-2:]))
+            if len(self.tail) > self.TAIL_MAX:
+                # A guest that never ends its line must not make each search slower.
+                del self.tail[: -self.TAIL_MAX // 2]
 
     def text(self) -> str:
         return self.capture.decode("utf-8", "replace") if self.capture is not None else ""
