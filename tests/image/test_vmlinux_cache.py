@@ -105,6 +105,41 @@ def test_cold_miss_then_warm_hit_without_decompression(tmp_path, cache_dir, elf,
     assert not [p for p in os.listdir(cache_dir) if p.endswith(".part")]
 
 
+def test_stat_memo_skips_hashing_and_sees_changes(tmp_path, cache_dir, monkeypatch, elf):
+    import time
+
+    monkeypatch.setattr(vc, "STAT_MEMO_MIN_AGE_NS", 20_000_000)
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("gzip", elf)))
+    time.sleep(0.05)  # older than the memo's minimum age
+    cold = vc.get_vmlinux(image)
+    hashes, runs = vc.HASHES, vc.DECOMPRESSIONS
+    warm = vc.get_vmlinux(image)
+    assert warm.hit and warm.sha256 == cold.sha256 and warm.codec == "gzip"
+    assert (vc.HASHES, vc.DECOMPRESSIONS) == (hashes, runs)  # neither hashed nor decompressed
+    # Rewrite the image in place, same size: a new ctime, so a new key.
+    other = _fake_elf(len(elf), seed=99)
+    data = _bzimage(_compress("gzip", other))
+    with open(image, "r+b") as f:
+        f.write(data)
+        f.truncate(len(data))
+    changed = vc.get_vmlinux(image)
+    assert vc.HASHES == hashes + 1 and not changed.hit
+    assert changed.sha256 != cold.sha256 and open(changed.path, "rb").read() == other
+
+
+def test_fresh_image_gets_no_stat_memo(tmp_path, cache_dir, elf):
+    # Written just now: a write in the same clock tick could go unseen, so the
+    # memo waits until the file is STAT_MEMO_MIN_AGE_NS old.
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("gzip", elf)))
+    vc.get_vmlinux(image)
+    hashes = vc.HASHES
+    assert vc.get_vmlinux(image).hit
+    assert vc.HASHES == hashes + 1
+    assert not (cache_dir / vc.STAT_MEMO_DIR).exists()
+
+
 def test_explicit_cache_dir(tmp_path, elf):
     image = tmp_path / "bzImage"
     image.write_bytes(_bzimage(_compress("gzip", elf)))

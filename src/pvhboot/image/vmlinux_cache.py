@@ -4,8 +4,9 @@ Booting a bzImage through PVH needs its payload ELF decompressed. That is
 done once per image: the result is kept at
 ``$PVHBOOT_CACHE/vmlinux/<sha256 of the image>.vmlinux`` (default base
 ``~/.cache/pvhboot``) with a small sidecar ``<sha256>.json``. A warm hit costs
-hashing the image and a cheap validation of the entry; nothing is
-decompressed (:data:`DECOMPRESSIONS` counts the runs, so tests can prove it).
+hashing the image (or not even that: see the stat memo below) and a cheap
+validation of the entry; nothing is decompressed (:data:`DECOMPRESSIONS`
+counts the runs, so tests can prove it).
 
 The payload is untrusted input. It is decompressed in a child process
 (``os.fork`` when this process has a single thread, else a fresh interpreter
@@ -105,12 +106,19 @@ def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> Cached
     import mmap
 
     path = os.fspath(image_path)
+    directory = os.fspath(cache_dir) if cache_dir is not None else cache_dir_default()
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        st = os.fstat(f.fileno())
+        if st.st_size == 0:
             raise ImageError(f"{path}: the file is empty; not a kernel image")
+        if use_cache:
+            hit = _memo_hit(directory, st)
+            if hit is not None:
+                return hit
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     with mm:
+        global HASHES
+        HASHES += 1
         sha = hashlib.sha256(mm).hexdigest()
         kind, codec, start, length = _locate(mm, path)
         if kind == "elf":
@@ -128,15 +136,71 @@ def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> Cached
                 os.close(fd)
             return CachedVmlinux(tmp, False, codec, sha, temporary=True)
 
-        directory = os.fspath(cache_dir) if cache_dir is not None else cache_dir_default()
         entry = os.path.join(directory, sha + ".vmlinux")
         sidecar = os.path.join(directory, sha + ".json")
-        if _valid_entry(entry, sidecar, sha):
+        if _valid_entry(entry, sidecar, sha) is not None:
+            _memo_store(directory, st, sha)
             return CachedVmlinux(entry, True, codec, sha)
         _unlink(sidecar)  # stale or corrupt: rebuild from scratch
         _unlink(entry)
         _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha)
+        _memo_store(directory, st, sha)
         return CachedVmlinux(entry, False, codec, sha)
+
+
+# --- the stat memo: a warm hit without re-hashing ------------------------------
+
+# Hashing Debian's 14 MB image costs ~10 ms, more than issue 4 allows a warm
+# hit to add over booting the vmlinux directly (5 ms). So the cache also
+# remembers, per (device, inode, size, mtime, ctime) of an image, the SHA-256
+# it had. Any write to the file changes its ctime, which nobody can set back,
+# so a changed file gets a new key. The one hole is a write within the
+# timestamp granularity of the last one (the kernel's coarse clock ticks every
+# few ms); a memo is therefore only recorded for a file whose timestamps are
+# older than STAT_MEMO_MIN_AGE_NS, so any later write lands on a later tick.
+STAT_MEMO_MIN_AGE_NS = 2_000_000_000
+STAT_MEMO_DIR = "by-stat"
+# Counts SHA-256 runs over an image (tests prove the memo skips them).
+HASHES = 0
+
+
+def _stat_key(st) -> str:
+    return (f"{st.st_dev:x}-{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}-"
+            f"{st.st_ctime_ns:x}")
+
+
+def _memo_hit(directory: str, st) -> CachedVmlinux | None:
+    try:
+        with open(os.path.join(directory, STAT_MEMO_DIR, _stat_key(st)), "rb") as f:
+            sha = f.read(65).decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(sha) != 64 or not all(c in "0123456789abcdef" for c in sha):
+        return None
+    meta = _valid_entry(os.path.join(directory, sha + ".vmlinux"),
+                        os.path.join(directory, sha + ".json"), sha)
+    if meta is None:
+        return None  # the slow path re-hashes, checks again and rebuilds
+    codec = meta.get("codec")
+    return CachedVmlinux(os.path.join(directory, sha + ".vmlinux"), True,
+                         codec if isinstance(codec, str) else None, sha)
+
+
+def _memo_store(directory: str, st, sha: str) -> None:
+    import time
+
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < STAT_MEMO_MIN_AGE_NS:
+        return  # too fresh: a write in the same clock tick would go unseen
+    memo_dir = os.path.join(directory, STAT_MEMO_DIR)
+    path = os.path.join(memo_dir, _stat_key(st))
+    tmp = f"{path}.{os.getpid()}.part"
+    try:
+        os.makedirs(memo_dir, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(sha)
+        os.replace(tmp, path)
+    except OSError:
+        _unlink(tmp)  # only an optimisation: a missing memo means re-hashing
 
 
 # --- where the compressed ELF is ----------------------------------------------
@@ -183,7 +247,8 @@ def _payload_range(mm, path: str) -> tuple[int, int]:
 # --- the cache entry -----------------------------------------------------------
 
 
-def _valid_entry(entry: str, sidecar: str, sha: str) -> bool:
+def _valid_entry(entry: str, sidecar: str, sha: str) -> dict | None:
+    """The sidecar's metadata when the entry checks out, else None."""
     import json
 
     try:
@@ -191,22 +256,22 @@ def _valid_entry(entry: str, sidecar: str, sha: str) -> bool:
             meta = json.loads(f.read(4096))
         fd = os.open(entry, os.O_RDONLY)
     except (OSError, ValueError):
-        return False
+        return None
     try:
         size = os.fstat(fd).st_size
         if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
-            return False
+            return None
         if meta.get("image_sha256") != sha or meta.get("size") != size:
-            return False
+            return None
         head = os.pread(fd, CHECK_SPAN, 0)
         tail = os.pread(fd, CHECK_SPAN, max(0, size - CHECK_SPAN))
         if meta.get("head") != hashlib.sha256(head).hexdigest():
-            return False
+            return None
         if meta.get("tail") != hashlib.sha256(tail).hexdigest():
-            return False
-        return _elf_headers_in_range(head, size)
+            return None
+        return meta if _elf_headers_in_range(head, size) else None
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
 
