@@ -20,7 +20,6 @@ or absent.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 from ..errors import CodecError, ImageError
@@ -119,6 +118,8 @@ def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> Cached
     with mm:
         global HASHES
         HASHES += 1
+        import hashlib  # here, not at the top: the decompression child never hashes
+
         sha = hashlib.sha256(mm).hexdigest()
         kind, codec, start, length = _locate(mm, path)
         if kind == "elf":
@@ -249,6 +250,7 @@ def _payload_range(mm, path: str) -> tuple[int, int]:
 
 def _valid_entry(entry: str, sidecar: str, sha: str) -> dict | None:
     """The sidecar's metadata when the entry checks out, else None."""
+    import hashlib
     import json
 
     try:
@@ -294,6 +296,7 @@ def _elf_headers_in_range(head: bytes, size: int) -> bool:
 
 
 def _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha) -> None:
+    import hashlib
     import json
     import tempfile
 
