@@ -3,12 +3,32 @@ run through the CLI as a user runs it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from conftest import requires_kvm, run_cli
+# Not `from conftest import ...`: another directory's conftest.py can shadow
+# tests/conftest.py under the module name "conftest" in a full run.
+_KVM = "/dev/kvm"
+requires_kvm = pytest.mark.skipif(
+    not (os.path.exists(_KVM) and os.access(_KVM, os.R_OK | os.W_OK)),
+    reason=f"{_KVM} is missing or not accessible: this test boots on real KVM",
+)
+
+
+def run_cli(*args, timeout: float = 600, input: bytes | None = None):
+    """``python -m pvhboot ARGS`` as a user runs it (same as tests/conftest.py's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pvhboot", *map(str, args)],
+        capture_output=True,
+        timeout=timeout,
+        input=input if input is not None else b"",
+        check=False,
+    )
+
 
 needs_toolchain = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("ld") is None, reason="needs gcc and ld"
@@ -176,7 +196,6 @@ def test_timeout_fires_while_a_stdin_reader_runs(spin):
 def _run_on_pty(args: list[str], keys: bytes) -> tuple[int, bytes, bool]:
     import os
     import pty
-    import sys
     import termios
     import time
 
