@@ -255,3 +255,26 @@ def test_unbacked_memory_is_mmio_reads_all_ones(tmp_path):
     )
     result = run(plan_for(code))
     assert result.status == (0x12 << 1) | 1, result.message
+
+
+def test_an_instruction_kvm_cannot_emulate_is_one_clear_line(tmp_path):
+    # crc32 with an MMIO operand must be emulated, and KVM's emulator has no
+    # crc32: KVM_EXIT_INTERNAL_ERROR. The message decodes the instruction and
+    # names the symbol from the System.map given.
+    code = asm32(
+        tmp_path,
+        """
+        mov $0x10000000, %esi
+        crc32l (%esi), %eax
+        out %al, $0xf4
+        """,
+    )
+    system_map = tmp_path / "System.map"
+    system_map.write_text(f"{CODE:016x} T probe_start\n{CODE + 0x100:016x} T probe_end\n")
+    result = run(plan_for(code), system_map=system_map, timeout=30)
+    if result.reason == "debug-exit":
+        pytest.skip("this host's KVM emulates crc32 on MMIO")
+    assert (result.reason, result.status) == ("internal-error", 1), result.message
+    msg = result.message
+    assert "\n" not in msg
+    assert "crc32" in msg and f"{CODE + 5:#x}" in msg and "probe_start+0x5" in msg
