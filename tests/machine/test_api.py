@@ -278,3 +278,22 @@ def test_an_instruction_kvm_cannot_emulate_is_one_clear_line(tmp_path):
     msg = result.message
     assert "\n" not in msg
     assert "crc32" in msg and f"{CODE + 5:#x}" in msg and "probe_start+0x5" in msg
+
+
+@pytest.mark.parametrize("quirks_on", [True, False])
+def test_host_quirks_step_over_wait_on_a_pvm_host(tmp_path, quirks_on):
+    # KVM-HOST-NOTES gap 2: PVM's emulator lacks `wait`; the quirks layer skips
+    # it. On VMX/SVM `wait` simply runs.
+    from pvhboot.machine.quirks import HostQuirks, is_pvm_host
+
+    code = asm32(tmp_path, "wait\nmov $0x33, %al\nout %al, $0xf4")
+    machine = Machine(kernel="(hand-built)", host_quirks=quirks_on, timeout=30)
+    quirks = HostQuirks(enabled=quirks_on)
+    result = machine.run_plan(plan_for(code), quirks=quirks if quirks.active else None)
+    if not is_pvm_host():
+        assert (result.status, result.quirks_handled) == ((0x33 << 1) | 1, 0)
+    elif quirks_on:
+        assert (result.reason, result.status) == ("debug-exit", (0x33 << 1) | 1), result.message
+        assert result.quirks_handled == 1
+    else:
+        assert result.reason == "internal-error" and "wait" in result.message
