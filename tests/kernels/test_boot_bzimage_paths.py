@@ -25,8 +25,11 @@ pytestmark = [pytest.mark.kernel, requires_kvm]
 CI_CODECS = ("gzip", "zstd")
 
 # arch/x86/boot/compressed/misc.c, printed with CONFIG_X86_VERBOSE_BOOTUP.
+# 6.1 prints "Decompressing Linux... Parsing ELF... done." then
+# "Booting the kernel (entry_offset: 0x...)."
 DECOMPRESSING = "Decompressing Linux..."
-BOOTING = "Booting the kernel."
+PARSED = "Parsing ELF... done."
+BOOTING = "Booting the kernel"
 # The decompressor finds its UART only through earlyprintk= (or
 # console=uart8250,io,...): arch/x86/boot/early_serial_console.c does not
 # read console=ttyS0.
@@ -67,9 +70,11 @@ def test_bzimage_linux_protocol_guest_decompressor(codec, small_kernel, initramf
     assert "Linux 64-bit boot protocol" in b.path_message, b.path_message
     console = b.console
     assert DECOMPRESSING in console, b.context()
+    assert PARSED in console, b.context()
     assert BOOTING in console, b.context()
     # The decompressor runs before the kernel proper prints anything.
-    assert console.index(DECOMPRESSING) < console.index(BOOTING) < console.index("Linux version")
+    order = [console.index(s) for s in (DECOMPRESSING, PARSED, BOOTING, "Linux version")]
+    assert order == sorted(order), b.context()
     b.check_reached_init(initramfs)
 
 
