@@ -127,3 +127,19 @@ def test_debian_kernel_header(flavour, codec, request):
     assert bz.is_pe
     assert bz.relocatable and bz.xloadflags & XLF_KERNEL_64
     assert bz.kernel_version.startswith(kernel.vmlinuz.name.removeprefix("vmlinuz-"))
+
+
+def test_setup_header_struct_matches_boot_rst():
+    import ctypes
+
+    from pvhboot.image.bzimage import SetupHeader
+
+    assert ctypes.sizeof(SetupHeader) == 0x26C - 0x1F1
+    for name, offset in [("syssize", 0x1F4), ("boot_flag", 0x1FE), ("header", 0x202),
+                         ("kernel_version", 0x20E), ("loadflags", 0x211),
+                         ("code32_start", 0x214), ("initrd_addr_max", 0x22C),
+                         ("relocatable_kernel", 0x234), ("xloadflags", 0x236),
+                         ("payload_offset", 0x248), ("pref_address", 0x258),
+                         ("init_size", 0x260), ("handover_offset", 0x264),
+                         ("kernel_info_offset", 0x268)]:
+        assert 0x1F1 + getattr(SetupHeader, name).offset == offset, name

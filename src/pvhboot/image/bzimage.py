@@ -8,32 +8,20 @@ everything is. This module only reads it; nothing here decompresses.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
 from ..errors import ImageError
 
-# boot.rst "The real-mode kernel header": offsets into the file.
+# boot.rst "The real-mode kernel header": the offsets checked before the header is trusted
+# (the rest is read through SetupHeader below).
 SETUP_HEADER_OFFSET = 0x1F1
 OFF_SETUP_SECTS = 0x1F1  # u8, 0 means 4
-OFF_SYSSIZE = 0x1F4  # u32, protected-mode size in 16-byte paragraphs (2.04+)
 OFF_BOOT_FLAG = 0x1FE  # u16, 0xAA55
 OFF_JUMP = 0x200  # u8 0xEB + u8 offset: the header ends at 0x202 + that offset
 OFF_HEADER = 0x202  # "HdrS"
 OFF_VERSION = 0x206  # u16 protocol version
-OFF_KERNEL_VERSION = 0x20E  # u16, pointer (minus 0x200) to a NUL-terminated string
-OFF_LOADFLAGS = 0x211
-OFF_CODE32_START = 0x214
-OFF_INITRD_ADDR_MAX = 0x22C  # 2.03+
-OFF_KERNEL_ALIGNMENT = 0x230  # 2.05+
-OFF_RELOCATABLE = 0x234  # 2.05+
-OFF_XLOADFLAGS = 0x236  # 2.12+
-OFF_CMDLINE_SIZE = 0x238  # 2.06+
-OFF_PAYLOAD_OFFSET = 0x248  # 2.08+, relative to the protected-mode code
-OFF_PAYLOAD_LENGTH = 0x24C
-OFF_PREF_ADDRESS = 0x258  # 2.10+
-OFF_INIT_SIZE = 0x260
-OFF_HANDOVER_OFFSET = 0x264  # 2.11+
 HDRS_MAGIC = b"HdrS"
 BOOT_FLAG = 0xAA55
 SECTOR = 512
@@ -80,6 +68,69 @@ LINUX64_ENTRY_OFFSET = 0x200
 MZ_MAGIC = b"MZ"
 OFF_E_LFANEW = 0x3C
 PE_MAGIC = b"PE\0\0"
+
+
+class SetupHeader(ctypes.LittleEndianStructure):
+    """``struct setup_header`` (boot.rst "The real-mode kernel header"), file offset 0x1f1.
+
+    Packed: the kernel declares it __attribute__((packed)). A kernel only
+    defines the fields of its protocol version; :func:`parse_bzimage` reads
+    newer ones as 0.
+    """
+
+    _pack_ = 1
+    _fields_ = [
+        ("setup_sects", ctypes.c_uint8),  # 0x1f1
+        ("root_flags", ctypes.c_uint16),
+        ("syssize", ctypes.c_uint32),  # 2.04+
+        ("ram_size", ctypes.c_uint16),
+        ("vid_mode", ctypes.c_uint16),
+        ("root_dev", ctypes.c_uint16),
+        ("boot_flag", ctypes.c_uint16),  # 0x1fe
+        ("jump", ctypes.c_uint16),  # 0x200
+        ("header", ctypes.c_uint32),  # 0x202 "HdrS"
+        ("version", ctypes.c_uint16),
+        ("realmode_swtch", ctypes.c_uint32),
+        ("start_sys_seg", ctypes.c_uint16),
+        ("kernel_version", ctypes.c_uint16),  # 0x20e
+        ("type_of_loader", ctypes.c_uint8),
+        ("loadflags", ctypes.c_uint8),  # 0x211
+        ("setup_move_size", ctypes.c_uint16),
+        ("code32_start", ctypes.c_uint32),  # 0x214
+        ("ramdisk_image", ctypes.c_uint32),
+        ("ramdisk_size", ctypes.c_uint32),
+        ("bootsect_kludge", ctypes.c_uint32),
+        ("heap_end_ptr", ctypes.c_uint16),
+        ("ext_loader_ver", ctypes.c_uint8),
+        ("ext_loader_type", ctypes.c_uint8),
+        ("cmd_line_ptr", ctypes.c_uint32),
+        ("initrd_addr_max", ctypes.c_uint32),  # 0x22c, 2.03+
+        ("kernel_alignment", ctypes.c_uint32),  # 0x230, 2.05+
+        ("relocatable_kernel", ctypes.c_uint8),  # 2.05+
+        ("min_alignment", ctypes.c_uint8),  # 2.10+
+        ("xloadflags", ctypes.c_uint16),  # 0x236, 2.12+
+        ("cmdline_size", ctypes.c_uint32),  # 0x238, 2.06+
+        ("hardware_subarch", ctypes.c_uint32),
+        ("hardware_subarch_data", ctypes.c_uint64),
+        ("payload_offset", ctypes.c_uint32),  # 0x248, 2.08+
+        ("payload_length", ctypes.c_uint32),  # 0x24c, 2.08+
+        ("setup_data", ctypes.c_uint64),
+        ("pref_address", ctypes.c_uint64),  # 0x258, 2.10+
+        ("init_size", ctypes.c_uint32),  # 0x260, 2.10+
+        ("handover_offset", ctypes.c_uint32),  # 0x264, 2.11+
+        ("kernel_info_offset", ctypes.c_uint32),  # 0x268, 2.15+
+    ]
+
+
+SETUP_HEADER_SIZE = ctypes.sizeof(SetupHeader)  # 0x7b: 0x1f1 up to 0x26c
+
+# The protocol version that introduced each field we read (boot.rst).
+FIELD_SINCE = {
+    "syssize": 0x204, "initrd_addr_max": 0x203, "kernel_alignment": 0x205,
+    "relocatable_kernel": 0x205, "cmdline_size": 0x206, "payload_offset": 0x208,
+    "payload_length": 0x208, "pref_address": 0x20A, "init_size": 0x20A,
+    "handover_offset": 0x20B, "xloadflags": 0x20C, "kernel_info_offset": 0x20F,
+}
 
 
 @dataclass
@@ -179,13 +230,19 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
     if protocol < 0x200:
         raise ImageError(f"{what}: boot protocol {protocol:#x} predates 2.00; not a bzImage")
 
-    def field(off: int, fmt: str, since: int = 0x200) -> int:
+    # Copy what the kernel declares; zero-fill the rest of our structure.
+    declared = bytes(data[SETUP_HEADER_OFFSET : min(header_end, SETUP_HEADER_OFFSET
+                                                    + SETUP_HEADER_SIZE)])
+    hdr = SetupHeader.from_buffer_copy(declared.ljust(SETUP_HEADER_SIZE, b"\0"))
+
+    def field(name: str) -> int:
         # A field newer than the kernel's protocol, or past the header it
-        # declares, reads as 0: older kernels leave garbage code there.
-        n = struct.calcsize(fmt)
-        if protocol < since or off + n > header_end:
+        # declares, reads as 0: older kernels keep code or data there.
+        desc = getattr(SetupHeader, name)
+        end = SETUP_HEADER_OFFSET + desc.offset + desc.size
+        if protocol < FIELD_SINCE.get(name, 0x200) or end > header_end:
             return 0
-        return struct.unpack_from("<" + fmt, data, off)[0]
+        return getattr(hdr, name)
 
     raw_setup_sects = data[OFF_SETUP_SECTS]
     setup_sects = raw_setup_sects or DEFAULT_SETUP_SECTS
@@ -193,7 +250,7 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
     if pm_offset > size:
         raise ImageError(f"{what}: setup code ({setup_sects} sectors) ends at {pm_offset:#x}, "
                          f"past the end of the {size}-byte file; truncated")
-    syssize = field(OFF_SYSSIZE, "I", 0x204)
+    syssize = field("syssize")
     pm_size = size - pm_offset
     if syssize and syssize * 16 <= pm_size:
         # Trailing data (signatures, padding) is not kernel code.
@@ -202,8 +259,8 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
         raise ImageError(f"{what}: header says {syssize * 16} bytes of protected-mode code "
                          f"but the file holds {pm_size}; truncated")
 
-    payload_rel = field(OFF_PAYLOAD_OFFSET, "I", 0x208)
-    payload_length = field(OFF_PAYLOAD_LENGTH, "I", 0x208)
+    payload_rel = field("payload_offset")
+    payload_length = field("payload_length")
     payload_offset = pm_offset + payload_rel if protocol >= 0x208 else 0
     if protocol >= 0x208 and (payload_length or payload_rel):
         if payload_offset > size or payload_length > size - payload_offset:
@@ -219,16 +276,16 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
         protocol=protocol,
         protocol_str=f"{protocol >> 8}.{protocol & 0xFF:02d}",
         setup_sects=setup_sects,
-        loadflags=field(OFF_LOADFLAGS, "B"),
-        xloadflags=field(OFF_XLOADFLAGS, "H", 0x20C),
-        pref_address=field(OFF_PREF_ADDRESS, "Q", 0x20A),
-        init_size=field(OFF_INIT_SIZE, "I", 0x20A),
-        kernel_alignment=field(OFF_KERNEL_ALIGNMENT, "I", 0x205),
-        relocatable=bool(field(OFF_RELOCATABLE, "B", 0x205)),
-        handover_offset=field(OFF_HANDOVER_OFFSET, "I", 0x20B),
-        cmdline_size=field(OFF_CMDLINE_SIZE, "I", 0x206),
-        initrd_addr_max=field(OFF_INITRD_ADDR_MAX, "I", 0x203),
-        kernel_version=_kernel_version(data, field(OFF_KERNEL_VERSION, "H"), pm_offset),
+        loadflags=field("loadflags"),
+        xloadflags=field("xloadflags"),
+        pref_address=field("pref_address"),
+        init_size=field("init_size"),
+        kernel_alignment=field("kernel_alignment"),
+        relocatable=bool(field("relocatable_kernel")),
+        handover_offset=field("handover_offset"),
+        cmdline_size=field("cmdline_size"),
+        initrd_addr_max=field("initrd_addr_max"),
+        kernel_version=_kernel_version(data, field("kernel_version"), pm_offset),
         pm_offset=pm_offset,
         pm_size=pm_size,
         payload_offset=payload_offset,
@@ -236,7 +293,7 @@ def parse_bzimage(data, *, what: str = "bzImage") -> BzImageInfo:
         codec=codec,
         setup_header=bytes(data[SETUP_HEADER_OFFSET:header_end]),
         is_pe=is_pe(data),
-        code32_start=field(OFF_CODE32_START, "I") or DEFAULT_LOAD_ADDRESS,
+        code32_start=field("code32_start") or DEFAULT_LOAD_ADDRESS,
         syssize=syssize,
     )
 
