@@ -251,3 +251,14 @@ def test_api_boots_the_same_probe_without_a_shell(hello):
     result = machine.run()
     assert (result.reason, result.status, result.console) == ("debug-exit", 85, "hi")
     assert result.timeline["exit"] >= result.timeline["first-kvm-run"] > 0
+
+
+@requires_kvm
+@needs_toolchain
+def test_cli_main_in_process_returns_the_status(hello, capfd):
+    # The fast exit (VM teardown left to a child) is only for the pvhboot
+    # process itself; a caller of cli.main gets the status back.
+    from pvhboot.cli import main
+
+    assert main(["run", "--kernel", hello, "--quiet", "--no-host-quirks"]) == 85
+    assert capfd.readouterr().out == "hi"

@@ -96,7 +96,8 @@ def run(args) -> int:
             print(format_plan(plan))
         return 0
 
-    machine.defer_teardown = True
+    # Only when this process is pvhboot itself: the fast exit ends the process.
+    machine.defer_teardown = _is_program_entry()
     result = machine.run()
     fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
@@ -112,3 +113,19 @@ def run(args) -> int:
 
         exit_leaving_teardown(result.status)  # does not return
     return result.status
+
+
+def _is_program_entry() -> bool:
+    """True when the process runs pvhboot (console script or ``python -m pvhboot``).
+
+    A caller that runs ``cli.main([...])`` inside its own process (a test
+    runner, a script) must get a return value, not an exit.
+    """
+    import os
+    import sys
+
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name in ("pvhboot", "pvhboot.__main__"):
+        return True
+    return os.path.basename(getattr(main, "__file__", None) or "") == "pvhboot"
