@@ -27,6 +27,9 @@ DEBUG_EXIT_PORT = 0xF4  # QEMU isa-debug-exit's customary iobase
 BOOT_TIMER_PORT = 0x3F0  # Firecracker's original boot-timer port; the guest writes 123
 
 BOOTS = ("auto", "pvh", "linux")
+# setitimer(2) takes seconds in a time_t; a year is beyond any boot and far
+# from overflow.
+MAX_TIMEOUT = 365 * 24 * 3600.0
 
 
 class RunResult:
@@ -107,9 +110,15 @@ class Machine:
         if boot not in BOOTS:
             raise UsageError(f"unknown boot path {boot!r}: use one of {', '.join(BOOTS)}")
         if timeout is not None:
-            timeout = float(timeout)
-            if not timeout > 0:
-                raise UsageError(f"timeout must be a positive number of seconds, not {timeout}")
+            try:
+                timeout = float(timeout)
+            except (TypeError, ValueError):
+                raise UsageError(f"timeout must be a number of seconds, not {timeout!r}") from None
+            if not 0 < timeout < MAX_TIMEOUT:
+                raise UsageError(
+                    f"timeout must be more than 0 and less than {MAX_TIMEOUT:.0f} seconds, "
+                    f"not {timeout}"
+                )
         self.kernel = str(kernel)
         self.initrd = None if initrd is None else str(initrd)
         self.cmdline = cmdline or ""
@@ -143,10 +152,8 @@ class Machine:
 
     def _host_quirks(self):
         if self.quirks is None:
-            try:
-                from .machine.quirks import HostQuirks
-            except ImportError:  # not in this tree yet
-                return None
+            from .machine.quirks import HostQuirks
+
             self.quirks = HostQuirks(enabled=self.host_quirks)
         return self.quirks
 
@@ -158,10 +165,8 @@ class Machine:
     def prepare(self):
         """Choose the boot path and plan it (boot.prepare.prepare_boot); cached."""
         if self.prepared is None:
-            try:
-                from .boot.prepare import prepare_boot
-            except ImportError:  # stand-in until boot/prepare.py lands
-                prepare_boot = _prepare_elf_pvh
+            from .boot.prepare import prepare_boot
+
             self.prepared = prepare_boot(
                 self.kernel,
                 initrd=self.initrd,
@@ -346,6 +351,8 @@ def exit_leaving_teardown(status: int):
 
 
 def _make_bus(vm, console: _Console, timeline):
+    from .devices.boot_timer import BootTimer
+    from .devices.debug_exit import DebugExit
     from .devices.i8042 import I8042
     from .devices.serial import Serial16550
     from .machine.bus import Bus
@@ -354,13 +361,8 @@ def _make_bus(vm, console: _Console, timeline):
     serial = Serial16550(vm.irq_line(SERIAL_IRQ), console.out)
     bus.add_port_device(SERIAL_PORT, SERIAL_PORTS, serial)
     bus.add_port_device(I8042_PORT, I8042_PORTS, I8042())
-    bus.add_port_device(DEBUG_EXIT_PORT, 1, _debug_exit())
-    try:
-        from .devices.boot_timer import BootTimer
-    except ImportError:  # not in this tree yet
-        pass
-    else:
-        bus.add_port_device(BOOT_TIMER_PORT, 1, BootTimer(lambda: timeline.mark("boot-timer")))
+    bus.add_port_device(DEBUG_EXIT_PORT, 1, DebugExit())
+    bus.add_port_device(BOOT_TIMER_PORT, 1, BootTimer(lambda: timeline.mark("boot-timer")))
     return bus, serial
 
 
@@ -446,7 +448,17 @@ class _Timeout:
     def __enter__(self):
         if self.active:
             import signal
+            import threading
 
+            if threading.current_thread() is not threading.main_thread():
+                from .errors import UsageError
+
+                # Python installs signal handlers only from the main thread,
+                # and the timer signal must interrupt KVM_RUN in this thread.
+                raise UsageError(
+                    "a timeout needs Machine.run() in the main thread: "
+                    "call it there, or run without timeout"
+                )
             self.old = signal.signal(signal.SIGALRM, self._fire)
             if self.seconds:
                 signal.setitimer(signal.ITIMER_REAL, self.seconds, self.REPEAT)
@@ -466,30 +478,3 @@ class _Timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, self.old)
 
-
-def _debug_exit():
-    try:
-        from .devices.debug_exit import DebugExit
-    except ImportError:  # stand-in until devices/debug_exit.py lands
-        from .devices.base import Device, StopGuest
-
-        class DebugExit(Device):
-            name = "debug-exit"
-
-            def write(self, offset: int, size: int, value: int) -> None:
-                # QEMU isa-debug-exit: the process exits with (value << 1) | 1.
-                raise StopGuest("debug-exit", ((value & 0xFF) << 1) | 1)
-
-    return DebugExit()
-
-
-def _prepare_elf_pvh(kernel, *, initrd, cmdline, memory_size, boot, use_cache):
-    """Stand-in for boot.prepare.prepare_boot: an ELF vmlinux through PVH only."""
-    from types import SimpleNamespace
-
-    from .boot.pvh import plan_pvh
-    from .image.elf import read_elf_file
-
-    elf = read_elf_file(kernel)
-    plan = plan_pvh(elf, kernel, initrd=initrd, cmdline=cmdline, memory_size=memory_size)
-    return SimpleNamespace(plan=plan, message=f"ELF {kernel}: booting through PVH", image=None)

@@ -297,3 +297,31 @@ def test_host_quirks_step_over_wait_on_a_pvm_host(tmp_path, quirks_on):
         assert result.quirks_handled == 1
     else:
         assert result.reason == "internal-error" and "wait" in result.message
+
+
+@pytest.mark.parametrize("bad", ["soon", -1, 0, float("nan"), float("inf")])
+def test_bad_timeouts_are_usage_errors(bad):
+    from pvhboot.errors import UsageError
+
+    with pytest.raises(UsageError, match="timeout"):
+        Machine(kernel="x", timeout=bad)
+
+
+def test_timeout_outside_the_main_thread_is_refused_clearly(tmp_path):
+    import threading
+
+    from pvhboot.errors import UsageError
+
+    code = asm32(tmp_path, "1: jmp 1b")
+    caught = []
+
+    def body():
+        try:
+            run(plan_for(code), timeout=1)
+        except UsageError as exc:
+            caught.append(str(exc))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(60)
+    assert caught and "main thread" in caught[0]
