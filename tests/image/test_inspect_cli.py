@@ -105,3 +105,18 @@ def test_debian_cloud_kernel_json(cli, debian_cloud_kernel):
     doc = json.loads(proc.stdout)
     assert doc["compression"] == "lz4" and doc["boot_protocol"] == "2.15"
     assert doc["pvh_capable"] is True and doc["entry_points"]["pvh"]
+
+
+def test_schema_doc_lists_every_key(make_pvh_elf, codec_bzimage):
+    """docs/inspect-json.md documents each key to_json() emits (top level and nested)."""
+    from pathlib import Path
+
+    from pvhboot.image.kernel import image_from_buffer
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "inspect-json.md").read_text()
+    data, _ = codec_bzimage("gzip")
+    out = image_from_buffer(data).to_json()
+    keys = set(out) | set(out["entry_points"]) | set(out["bzimage"]) | set(out["elf"])
+    keys |= set(out["load_segments"][0]) | set(out["notes"][0])
+    missing = sorted(k for k in keys if f"`{k}`" not in doc and f'"{k}"' not in doc)
+    assert not missing, f"undocumented JSON keys: {missing}"
