@@ -10,7 +10,7 @@ corrupt header gives one ImageError line and never a big allocation.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ImageError
 from .notes import ElfNote, parse_notes, pvh_entry_from_notes, xen_pv_entry_from_notes
@@ -134,7 +134,6 @@ class ElfInfo:
     # e_entry translated to a physical address (see physical_address()).
     entry_paddr: int | None = None
     size: int = 0  # bytes in the file
-    extra: dict = field(default_factory=dict)
 
     @property
     def load_segments(self) -> list[ElfSegment]:
