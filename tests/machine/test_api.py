@@ -81,7 +81,7 @@ def test_serial_byte_then_debug_exit(tmp_path):
     assert result.reason == "debug-exit"
     assert result.status == (0x2A << 1) | 1
     assert result.console == "OK"
-    assert "0x2a" in result.message
+    assert "debug-exit port: status 85" in result.message
     assert {"exec", "kvm-ready", "kernel-mapped", "first-kvm-run", "first-serial-byte", "exit"} <= set(
         result.timeline
     )

@@ -121,7 +121,8 @@ def _stopped(control) -> Outcome:
 
 def _stop_message(stop: StopGuest) -> str:
     if stop.reason == "debug-exit":
-        return f"the guest wrote {stop.status >> 1:#x} to the debug-exit port (status {stop.status})"
+        # QEMU's isa-debug-exit arithmetic: (value << 1) | 1, cut to 8 bits.
+        return f"the guest ended the run through the debug-exit port: status {stop.status}"
     if stop.reason == "console-match":
         return "the console matched the stop pattern"
     return f"the guest ended the run ({stop.reason})"
