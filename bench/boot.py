@@ -287,7 +287,8 @@ def first_line(launcher: Path, work: Path, kernel: Path, *extra: str, timeout: i
         "wall_ms": s.wall_ms,
         "kvm_ready_ms": timeline_ms(s.stderr, "kvm-ready"),
         "first_serial_byte_ms": timeline_ms(s.stderr, "first-serial-byte"),
-        "first_line_ms": timeline_ms(s.stderr, "exit"),
+        # the exit phase is the first line only if the run ended on the match
+        "first_line_ms": timeline_ms(s.stderr, "exit") if s.status == 0 else None,
         "status": s.status,
     }
     if s.status != 0:
