@@ -168,8 +168,9 @@ def test_bad_flags_are_usage_errors(tmp_path, args, word):
     kernel.write_bytes(b"\x7fELF")
     proc = run_cli("run", "--kernel", kernel, *args)
     assert proc.returncode == 2
-    err = proc.stderr.decode()
-    assert word in err and "Traceback" not in err
+    lines = _err_lines(proc)
+    assert len(lines) == 1 and lines[0].startswith("pvhboot: error:"), lines
+    assert word in lines[0]
 
 
 def test_missing_kernel_is_one_line_exit_1(tmp_path):

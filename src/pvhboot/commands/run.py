@@ -6,18 +6,6 @@ is imported at module level. ``run`` hands everything to ``pvhboot.api``.
 """
 
 
-def _seconds(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return value
-
-
 # Endings that are not failures; their message is printed only when not --quiet.
 _NOT_FAULTS = ("reset", "poweroff", "console-match", "debug-exit", "timeout", "quit")
 
@@ -34,16 +22,17 @@ def register(sub):
     p.add_argument("--initrd", metavar="PATH", help="initramfs (module 0 / ramdisk)")
     p.add_argument("--cmdline", default="", metavar="STR", help="kernel command line")
     p.add_argument(
-        # Checked by Machine (UsageError, exit 2): validating here would import
-        # machine.memory while parsing, for every command.
         "--memory", default="128M", metavar="SIZE", help="guest RAM (default 128M)"
     )
-    p.add_argument("--timeout", type=_seconds, metavar="SEC", help="stop after SEC seconds (124)")
+    # --memory, --timeout and --boot are checked by Machine, which raises a
+    # one-line UsageError (exit 2); argparse's type/choices would print the
+    # whole usage block, and --memory would import machine.memory to parse.
+    p.add_argument("--timeout", metavar="SEC", help="stop after SEC seconds (exit status 124)")
     p.add_argument("--console-log", metavar="FILE", help="write the console here, not stdout")
     p.add_argument(
         "--boot",
         default="auto",
-        choices=("auto", "pvh", "linux"),
+        metavar="auto|pvh|linux",
         help="entry point: auto (default), pvh, or linux (64-bit boot protocol)",
     )
     p.add_argument("--no-cache", action="store_true", help="do not use the vmlinux cache")
