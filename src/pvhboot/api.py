@@ -147,6 +147,7 @@ class Machine:
         # CLI only: leave the VM open after run() for exit_leaving_teardown.
         self.defer_teardown = False
         self._open_vm = None
+        self._open_fds = ()
 
     # --- planning --------------------------------------------------------------
 
@@ -308,13 +309,14 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
             # The caller exits right away and lets the kernel tear the VM down
             # (see exit_leaving_teardown); closing here would cost that time.
             machine._open_vm = (vm, mem)
+            machine._open_fds = (vm.kvm_fd, vm.fd, *(v.fd for v in vm.vcpus))
         else:
             if vm is not None:
                 vm.close()
             mem.close()
 
 
-def exit_leaving_teardown(status: int):
+def exit_leaving_teardown(status: int, keep_fds=()):
     """End this process now with ``status``, leaving the VM's teardown to a child.
 
     Closing a VM is synchronous in KVM and slow on some hosts (measured on
@@ -322,8 +324,9 @@ def exit_leaving_teardown(status: int):
     probe boot), and a process's exit waits for it. A forked child inherits
     the KVM file descriptors, waits until this process is gone (EOF on a
     pipe), and then exits, so the last reference, and the teardown, are
-    its. The child keeps no terminal and no stdio: whoever waits for our
-    output sees EOF when we exit. Used by the CLI only; the API closes.
+    its. The child keeps no terminal, no stdio and no descriptor but
+    ``keep_fds`` (the VM's): whoever waits for our output sees EOF when we
+    exit. Used by the CLI only; the API closes.
     """
     import os
 
@@ -344,6 +347,15 @@ def exit_leaving_teardown(status: int):
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
+            # Nothing but the VM's descriptors and the pipe: a caller's pipes
+            # and files must see EOF / be released when we exit.
+            keep = sorted({r, *keep_fds})
+            low = 3
+            for fd in keep:
+                if fd > low:
+                    os.closerange(low, fd)
+                low = max(low, fd + 1)
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
             os.read(r, 1)
         finally:
             os._exit(0)

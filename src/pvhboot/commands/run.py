@@ -100,7 +100,7 @@ def run(args) -> int:
     if machine._open_vm is not None:
         from ..api import exit_leaving_teardown
 
-        exit_leaving_teardown(result.status)  # does not return
+        exit_leaving_teardown(result.status, machine._open_fds)  # does not return
     return result.status
 
 
