@@ -342,3 +342,22 @@ def test_real_kernel_matches_the_bare_cli(request, tmp_path, monkeypatch, fixtur
     before = vc.DECOMPRESSIONS
     assert vc.get_vmlinux(kernel.vmlinuz).hit
     assert vc.DECOMPRESSIONS == before
+
+
+def test_interrupted_parent_kills_and_reaps_the_child(tmp_path, cache_dir, monkeypatch, elf):
+    monkeypatch.setattr(vc, "_single_threaded", lambda: True)
+    children = []
+
+    def interrupted(rfd, pid, what):
+        children.append(pid)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vc, "_collect", interrupted)
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("bzip2", elf)))
+    with pytest.raises(KeyboardInterrupt):
+        vc.get_vmlinux(image)
+    assert children
+    with pytest.raises(ChildProcessError):  # already reaped: no zombie left behind
+        os.waitpid(children[0], os.WNOHANG)
+    assert not [p for p in os.listdir(cache_dir) if p.endswith(".part")]

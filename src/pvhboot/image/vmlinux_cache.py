@@ -456,17 +456,31 @@ def _run_forked(mm, codec, start, length, fd, what) -> None:
     os.close(wpipe)
     try:
         message = _collect(rpipe, pid, what)
+    except BaseException:
+        # Ctrl-C (or anything else) in the parent: never leave the child
+        # running or unreaped.
+        _kill_and_reap(pid)
+        raise
     finally:
         os.close(rpipe)
     _, wait_status = os.waitpid(pid, 0)
     _check_status(wait_status, message, what)
 
 
+def _kill_and_reap(pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def _collect(rfd: int, pid: int, what: str) -> bytes:
     """Read the child's message until it closes the pipe (exits), or kill it
     when CHILD_TIMEOUT passes."""
     import select
-    import signal
     import time
 
     deadline = time.monotonic() + CHILD_TIMEOUT
@@ -474,8 +488,7 @@ def _collect(rfd: int, pid: int, what: str) -> bytes:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            _kill_and_reap(pid)
             raise CodecError(
                 f"{what}: it ran longer than {CHILD_TIMEOUT:.0f} s and was stopped; "
                 "the payload is hostile or corrupt"
