@@ -38,7 +38,8 @@ class RunResult:
     ``reason``: "reset", "poweroff", "debug-exit", "timeout", "console-match",
     or a fault ("triple-fault", "internal-error", "fail-entry", ...).
     ``status``: the CLI exit status for it. ``console``: the serial output, if
-    captured. ``timeline``: phase -> seconds since exec. ``message``: one line.
+    captured. ``timeline``: phase -> seconds since "exec": the process's exec
+    for the CLI, the call of ``run()`` for the API. ``message``: one line.
     ``detail``: a register dump for faults, else "". ``quirks_handled``: how
     many emulation failures the host-quirks layer stepped over.
 
@@ -146,6 +147,7 @@ class Machine:
         self.quirks = None
         # CLI only: leave the VM open after run() for exit_leaving_teardown.
         self.defer_teardown = False
+        self.timeline_from_exec = False  # the CLI sets it: phases count from exec
         self._open_vm = None
         self._open_fds = ()
 
@@ -186,9 +188,7 @@ class Machine:
 
     def run(self) -> RunResult:
         """Boot the kernel and run until the guest stops, faults or times out."""
-        from .machine.timeline import Timeline
-
-        timeline = Timeline()
+        timeline = self._timeline()
         quirks = self._host_quirks()
         if quirks is not None and not self.quiet:
             line = quirks.announce()
@@ -199,11 +199,21 @@ class Machine:
             print(f"pvhboot: {prepared.message}", file=sys.stderr)
         return self.run_plan(prepared.plan, timeline=timeline, quirks=quirks)
 
+    def _timeline(self):
+        """Phases from the exec of this process (the CLI), or from this call (the API).
+
+        In a long-lived Python process, time since exec says nothing about
+        this boot; the CLI sets ``timeline_from_exec`` because there the
+        start-up of pvhboot itself is part of what is measured.
+        """
+        from .machine.timeline import Timeline, now
+
+        return Timeline() if self.timeline_from_exec else Timeline(start=now())
+
     def run_plan(self, plan, *, timeline=None, quirks=None) -> RunResult:
         """Run a ready BootPlan (built by boot/ or by hand, as tests do)."""
-        from .machine.timeline import Timeline
 
-        timeline = timeline or Timeline()
+        timeline = timeline or self._timeline()
         console = _Console(self, timeline)
         try:
             return _run(self, plan, timeline, console, quirks)

@@ -87,6 +87,7 @@ def run(args) -> int:
 
     # Only when this process is pvhboot itself: the fast exit ends the process.
     machine.defer_teardown = _is_program_entry()
+    machine.timeline_from_exec = True
     result = machine.run()
     fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
