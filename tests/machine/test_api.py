@@ -325,3 +325,19 @@ def test_timeout_outside_the_main_thread_is_refused_clearly(tmp_path):
     thread.start()
     thread.join(60)
     assert caught and "main thread" in caught[0]
+
+
+def test_boot_timer_port_marks_the_timeline(tmp_path):
+    code = asm32(
+        tmp_path,
+        """
+        mov $0x3f0, %dx
+        mov $123, %al
+        out %al, %dx
+        mov $1, %al
+        out %al, $0xf4
+        """,
+    )
+    result = run(plan_for(code))
+    assert result.status == 3
+    assert result.timeline["first-kvm-run"] <= result.timeline["boot-timer"] <= result.timeline["exit"]
