@@ -361,3 +361,21 @@ def test_interrupted_parent_kills_and_reaps_the_child(tmp_path, cache_dir, monke
     with pytest.raises(ChildProcessError):  # already reaped: no zombie left behind
         os.waitpid(children[0], os.WNOHANG)
     assert not [p for p in os.listdir(cache_dir) if p.endswith(".part")]
+
+
+def test_forgotten_temporary_is_removed_at_exit(tmp_path, cache_dir, elf):
+    # A fresh interpreter asks for a no-cache vmlinux, prints its path and
+    # exits without cleanup(): the file must be gone afterwards.
+    import sys
+
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("gzip", elf)))
+    code = (
+        "import sys; from pvhboot.image.vmlinux_cache import get_vmlinux; "
+        "got = get_vmlinux(sys.argv[1], use_cache=False); "
+        "print(got.path); assert open(got.path, 'rb').read(4) == b'\\x7fELF'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True,
+                          text=True, check=True)
+    path = proc.stdout.strip()
+    assert path.endswith(".elf") and not os.path.exists(path)

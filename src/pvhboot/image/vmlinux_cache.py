@@ -80,12 +80,40 @@ class CachedVmlinux:
     __hash__ = None
 
     def cleanup(self) -> None:
-        """Remove the file if it is a private temporary (use_cache=False)."""
+        """Remove the file if it is a private temporary (use_cache=False).
+
+        Callers that forget are covered: temporaries still present when the
+        process exits are removed then (a mapping of the file stays valid
+        after the unlink, so the VMM may call this as soon as it has mapped).
+        """
         if self.temporary:
+            _TEMPORARIES.discard(self.path)
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+
+
+# use_cache=False files not cleaned up yet; removed at exit (a 50-70 MB
+# vmlinux per --no-cache boot would otherwise pile up in /tmp).
+_TEMPORARIES: set[str] = set()
+
+
+def _remember_temporary(path: str) -> None:
+    if not _TEMPORARIES:
+        import atexit
+
+        atexit.register(_remove_temporaries)
+    _TEMPORARIES.add(path)
+
+
+def _remove_temporaries() -> None:
+    for path in list(_TEMPORARIES):
+        _TEMPORARIES.discard(path)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def cache_dir_default() -> str:
@@ -135,6 +163,7 @@ def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> Cached
                 raise
             finally:
                 os.close(fd)
+            _remember_temporary(tmp)
             return CachedVmlinux(tmp, False, codec, sha, temporary=True)
 
         entry = os.path.join(directory, sha + ".vmlinux")
