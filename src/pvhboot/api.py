@@ -338,8 +338,15 @@ def exit_leaving_teardown(status: int, keep_fds=()):
     ``keep_fds`` (the VM's): whoever waits for our output sees EOF when we
     exit. Used by the CLI only; the API closes.
     """
+    import atexit
     import os
 
+    # os._exit skips atexit: run the handlers ourselves (the vmlinux cache
+    # removes --no-cache temporaries there, the console restores the TTY).
+    try:
+        atexit._run_exitfuncs()
+    except Exception:  # a failing handler must not change the guest's status
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
