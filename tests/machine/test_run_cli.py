@@ -263,3 +263,24 @@ def test_cli_main_in_process_returns_the_status(hello, capfd):
 
     assert main(["run", "--kernel", hello, "--quiet", "--no-host-quirks"]) == 85
     assert capfd.readouterr().out == "hi"
+
+
+@requires_kvm
+@needs_toolchain
+def test_no_cache_temporary_is_removed_despite_the_fast_exit(hello, tmp_path):
+    # A gzip-wrapped vmlinux with --no-cache is extracted to a temporary file
+    # that atexit removes; the CLI's fast exit must still run that.
+    import gzip
+    import os
+
+    wrapped = tmp_path / "hello.elf.gz"
+    wrapped.write_bytes(gzip.compress(open(hello, "rb").read()))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), PVHBOOT_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pvhboot", "run", "--kernel", str(wrapped), "--no-cache", "--quiet"],
+        capture_output=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 85, proc.stderr
+    assert list(tmp.iterdir()) == []
