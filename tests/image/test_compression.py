@@ -289,3 +289,51 @@ def test_bomb_stops_at_the_limit_in_bounded_chunks(codec):
         decompress_to(codec, stream, Counting(), max_output=16 << 20)
     assert Counting.total <= 16 << 20
     assert Counting.biggest <= 8 << 20  # output leaves in bounded chunks
+
+
+# --- fuzz ----------------------------------------------------------------------
+
+_MAGIC = {
+    "gzip": b"\x1f\x8b\x08",
+    "bzip2": b"BZh9",
+    "lzma": b"\x5d\x00\x00",
+    "xz": b"\xfd7zXZ\x00",
+    "lzo": b"\x89LZO\x00\r\n\x1a\n",
+    "lz4": b"\x02\x21\x4c\x18",
+    "zstd": b"\x28\xb5\x2f\xfd",
+}
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_fuzz_decoders_raise_only_codec_error(codec, streams):
+    # Random tails after a valid magic, and random mutations of a real
+    # stream: each either decodes (within the limit) or raises CodecError;
+    # nothing else escapes, nothing hangs.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    real = streams[codec][:4096]
+
+    @settings(max_examples=150, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        tail=st.binary(max_size=512),
+        flips=st.lists(st.tuples(st.integers(0, len(real) - 1), st.integers(1, 255)),
+                       max_size=6),
+        cut=st.integers(0, len(real)),
+    )
+    def check(tail, flips, cut):
+        for data in (_MAGIC[codec] + tail, _mutate(real, flips)[:cut]):
+            try:
+                decompress_bytes(codec, data, max_output=1 << 22)
+            except CodecError as exc:
+                assert codec in str(exc) and "\n" not in str(exc)
+
+    check()
+
+
+def _mutate(data: bytes, flips) -> bytes:
+    out = bytearray(data)
+    for pos, xor in flips:
+        out[pos] ^= xor
+    return bytes(out)
