@@ -16,7 +16,8 @@ def register(sub):
         help="boot a kernel on KVM",
         description="Boot a kernel (ELF vmlinux or bzImage) on KVM, with a serial console on "
         "stdout. Exit status: 0 when the guest resets or powers off, the debug-exit code "
-        "when it writes port 0xf4, 124 on --timeout, 1 on a fault.",
+        "when it writes port 0xf4, 124 on --timeout, 1 on a fault, 130 on Ctrl-C. On a "
+        "terminal, keys go to the guest; Ctrl-A x quits (status 0).",
     )
     p.add_argument("--kernel", required=True, metavar="PATH", help="vmlinux or bzImage")
     p.add_argument("--initrd", metavar="PATH", help="initramfs (module 0 / ramdisk)")
