@@ -317,14 +317,18 @@ def test_unwritable_cache_dir(tmp_path, elf):
 
 def _bare_cli(codec: str, payload: bytes) -> bytes:
     # The bare CLIs stop at Linux's 4-byte size trailer with an error, so
-    # give them the stream without it.
-    cmd = {"lz4": ["lz4", "-dc"], "xz": ["xz", "-dc", "--single-stream"]}[codec]
-    return subprocess.run(cmd, input=payload[:-4], capture_output=True, check=True).stdout
+    # give them the stream without it. gzip has no such trailer (its own
+    # ISIZE field is the size).
+    cmd = {"lz4": ["lz4", "-dc"], "xz": ["xz", "-dc", "--single-stream"],
+           "gzip": ["gzip", "-dc"]}[codec]
+    stream = payload if codec == "gzip" else payload[:-4]
+    return subprocess.run(cmd, input=stream, capture_output=True, check=True).stdout
 
 
 @pytest.mark.kernel
 @pytest.mark.parametrize(
-    ("fixture", "codec"), [("debian_cloud_kernel", "lz4"), ("debian_generic_kernel", "xz")]
+    ("fixture", "codec"),
+    [("debian_cloud_kernel", "lz4"), ("debian_generic_kernel", "xz"), ("test_kernel", "gzip")],
 )
 def test_real_kernel_matches_the_bare_cli(request, tmp_path, monkeypatch, fixture, codec):
     from pvhboot.image.bzimage import parse_bzimage
