@@ -148,6 +148,7 @@ class Machine:
         # CLI only: leave the VM open after run() for exit_leaving_teardown.
         self.defer_teardown = False
         self.timeline_from_exec = False  # the CLI sets it: phases count from exec
+        self.gc_paused = False  # the CLI disables GC during setup; the run loop re-enables it
         self._open_vm = None
         self._open_fds = ()
 
@@ -290,6 +291,10 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
         vcpu.setup(plan.cpu)
         bus, serial = _make_bus(vm, console, timeline)
         control = RunControl()
+        if machine.gc_paused:
+            import gc
+
+            gc.enable()  # a guest may run for minutes: collect cycles from here on
         host_input = console.echo_fd is not None and _stdin_worth_reading()
         with _Timeout(machine.timeout, control, always=host_input), _host_console(
             host_input, serial, control

@@ -284,3 +284,14 @@ def test_no_cache_temporary_is_removed_despite_the_fast_exit(hello, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 85, proc.stderr
     assert list(tmp.iterdir()) == []
+
+
+@needs_toolchain
+def test_in_process_cli_leaves_gc_as_it_was(hello, capfd):
+    import gc
+
+    from pvhboot.cli import main
+
+    assert gc.isenabled()
+    assert main(["run", "--kernel", hello, "--dry-run", "--quiet"]) == 0
+    assert gc.isenabled()

@@ -50,6 +50,22 @@ def register(sub):
 
 
 def run(args) -> int:
+    import gc
+
+    # Setup allocates many objects that live until exit (modules, classes,
+    # the plan), so cyclic GC passes only cost time (about 2 ms of ~26 ms of
+    # setup CPU, measured); the run loop turns it back on (gc_paused below),
+    # and an in-process caller gets it back as it was.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run(args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _run(args) -> int:
     import sys
 
     from ..api import Machine
@@ -89,6 +105,7 @@ def run(args) -> int:
     # Only when this process is pvhboot itself: the fast exit ends the process.
     machine.defer_teardown = _is_program_entry()
     machine.timeline_from_exec = True
+    machine.gc_paused = True
     result = machine.run()
     fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
