@@ -9,8 +9,10 @@ On such a host, and only there, pvhboot:
   ``clearcpuid=`` on the kernel command line (CPUID masks have no effect);
 - finishes the instructions that still reach the emulator itself: ``int3``
   is delivered as #BP through the guest's IDT, ``wait``/``fwait`` is
-  skipped, ``clac``/``stac`` set EFLAGS.AC, and ``ldmxcsr`` loads MXCSR
-  through KVM_SET_FPU.
+  skipped, ``clac``/``stac`` set EFLAGS.AC, ``ldmxcsr`` loads MXCSR
+  through KVM_SET_FPU, and the BMI1/BMI2, LZCNT/POPCNT and MOVBE
+  instructions (BIT_INSNS) are computed here, since a bzImage's own
+  decompressor uses them before any command line takes effect.
 
 Anything else is left to the VMM to report. Capstone is imported only when
 an instruction has to be decoded.
@@ -59,14 +61,36 @@ TSS64_IST1 = 0x24
 # MXCSR bits a guest may set (DAZ included); others make ldmxcsr #GP.
 MXCSR_WRITABLE = 0xFFFF
 
-# kvm_regs fields by register name, with the 32-bit aliases capstone prints.
-_GPR = {
-    "rax": "rax", "rbx": "rbx", "rcx": "rcx", "rdx": "rdx", "rsi": "rsi", "rdi": "rdi",
-    "rsp": "rsp", "rbp": "rbp", "eax": "rax", "ebx": "rbx", "ecx": "rcx", "edx": "rdx",
-    "esi": "rsi", "edi": "rdi", "esp": "rsp", "ebp": "rbp",
-    **{f"r{i}": f"r{i}" for i in range(8, 16)},
-    **{f"r{i}d": f"r{i}" for i in range(8, 16)},
+# kvm_regs fields by the register names capstone prints, with their width in
+# bytes: the 64-bit registers and their 32- and 16-bit sub-registers.
+_GPR_FIELDS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi")
+_GPR_WIDTH: dict[str, tuple[str, int]] = {
+    **{f: (f, 8) for f in _GPR_FIELDS},
+    **{"e" + f[1:]: (f, 4) for f in _GPR_FIELDS},
+    **{f[1:]: (f, 2) for f in _GPR_FIELDS},
+    **{f"r{i}": (f"r{i}", 8) for i in range(8, 16)},
+    **{f"r{i}d": (f"r{i}", 4) for i in range(8, 16)},
+    **{f"r{i}w": (f"r{i}", 2) for i in range(8, 16)},
 }
+
+# Flags the bit-manipulation instructions define (SDM vol. 1, 3.4.3.1).
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
+RFLAGS_OF = 1 << 11
+RFLAGS_ARITH = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
+
+# BMI1/BMI2/LZCNT/POPCNT/MOVBE: register-to-register (or memory-source)
+# instructions the PVM emulator lacks but that a guest uses before it parses
+# its command line (the zstd decompressor of a bzImage picks its BMI2 path
+# from CPUID, which this host does not filter), so clearcpuid= cannot help.
+# Each is finished here, exactly as the SDM (vol. 2) defines it.
+BIT_INSNS = frozenset({
+    "shlx", "shrx", "sarx", "rorx", "andn", "bzhi", "blsr", "blsi", "blsmsk",
+    "pdep", "pext", "mulx", "lzcnt", "tzcnt", "popcnt", "movbe",
+})
 
 
 def is_pvm_host() -> bool:
@@ -103,7 +127,7 @@ class HostQuirks:
             return None
         return (
             f"PVM host detected: applying host quirks ({CLEARCPUID}, "
-            "int3/wait/clac/stac emulation, MXCSR via KVM_SET_FPU); "
+            "int3/wait/clac/stac/BMI emulation, MXCSR via KVM_SET_FPU); "
             "--no-host-quirks turns them off"
         )
 
@@ -141,6 +165,8 @@ class HostQuirks:
                 done = self._skip(vcpu, regs, insn.size)
             elif kind in ("ldmxcsr", "vldmxcsr"):
                 done = self._ldmxcsr(vcpu, mem, regs, sregs, insn, bits)
+            elif kind in BIT_INSNS:
+                done = _bit_insn(vcpu, mem, regs, sregs, insn, bits)
             else:
                 return None
         except GuestError:
@@ -217,11 +243,163 @@ def _effective_address(insn, mem_op, regs, sregs, bits: int) -> int:
 
 
 def _reg(regs, name: str) -> int:
-    field = _GPR.get(name)
-    if field is None:
-        raise GuestError(f"cannot evaluate register {name} in a memory operand")
-    value = getattr(regs, field)
-    return value & 0xFFFF_FFFF if name.startswith("e") or name.endswith("d") else value
+    field_width = _GPR_WIDTH.get(name)
+    if field_width is None:
+        raise GuestError(f"cannot evaluate register {name}")
+    field, width = field_width
+    return getattr(regs, field) & ((1 << (8 * width)) - 1)
+
+
+def _set_reg(regs, name: str, value: int) -> None:
+    """Write a general register as the CPU does (SDM vol. 1, 3.4.1.1).
+
+    A 32-bit destination zero-extends into the full 64-bit register; a 16-bit
+    one leaves the upper 48 bits alone.
+    """
+    field_width = _GPR_WIDTH.get(name)
+    if field_width is None:
+        raise GuestError(f"cannot write register {name}")
+    field, width = field_width
+    mask = (1 << (8 * width)) - 1
+    if width == 2:
+        value = (getattr(regs, field) & ~mask) | (value & mask)
+    else:
+        value &= mask
+    setattr(regs, field, value)
+
+
+# --- BMI1/BMI2/LZCNT/POPCNT/MOVBE ------------------------------------------------
+
+
+def _bit_insn(vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
+    """Finish one of BIT_INSNS: read its sources, compute, write, advance RIP.
+
+    Every source (and every page a memory destination touches) is read or
+    translated before anything is written, so a GuestError leaves the vCPU
+    untouched. Flags an instruction leaves undefined keep their old values.
+    """
+    from capstone import x86  # lazy, as everywhere on the run path
+
+    kind = insn.mnemonic
+    ops = list(insn.operands)
+
+    def value(op) -> int:
+        if op.type == x86.X86_OP_REG:
+            return _reg(regs, insn.reg_name(op.reg))
+        if op.type == x86.X86_OP_IMM:
+            return op.imm
+        if op.type == x86.X86_OP_MEM:
+            addr = _effective_address(insn, op.mem, regs, sregs, bits)
+            return int.from_bytes(read_linear(mem, sregs, addr, op.size), "little")
+        raise GuestError(f"unexpected operand in {kind}")
+
+    if not ops:
+        return None
+    dest = ops[0]
+    width = dest.size * 8
+    if width not in (16, 32, 64):
+        return None
+    mask = (1 << width) - 1
+    sign = 1 << (width - 1)
+    flags = None  # (value, mask of flags it defines) when the instruction sets flags
+    writes: list[tuple[str, int]] = []  # (register name, value) in write order
+    if kind in ("shlx", "shrx", "sarx"):
+        # dest = src1 shifted by src2, the count masked to 5 or 6 bits (SDM SHLX).
+        src, count = value(ops[1]), value(ops[2]) & (width - 1)
+        if kind == "shlx":
+            result = src << count
+        elif kind == "shrx":
+            result = src >> count
+        else:
+            result = (src - (1 << width) if src & sign else src) >> count
+        writes.append((insn.reg_name(dest.reg), result & mask))
+    elif kind == "rorx":
+        src, count = value(ops[1]), value(ops[2]) & (width - 1)
+        result = ((src >> count) | (src << (width - count))) & mask
+        writes.append((insn.reg_name(dest.reg), result))
+    elif kind == "andn":
+        # Intel order: andn dest, src1 (inverted, VEX.vvvv), src2 (r/m).
+        result = ~value(ops[1]) & value(ops[2]) & mask
+        writes.append((insn.reg_name(dest.reg), result))
+        flags = (_zs(result, sign), RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
+    elif kind == "bzhi":
+        # Index from bits 7:0 of VEX.vvvv; CF when it is past the operand size.
+        src, index = value(ops[1]), value(ops[2]) & 0xFF
+        if index < width:
+            result, cf = src & ((1 << index) - 1), 0
+        else:
+            result, cf = src, RFLAGS_CF
+        writes.append((insn.reg_name(dest.reg), result))
+        flags = (_zs(result, sign) | cf, RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
+    elif kind in ("blsr", "blsi", "blsmsk"):
+        src = value(ops[1])
+        if kind == "blsr":
+            result = src & (src - 1) & mask
+            zf_cf = _zs(result, sign) | (RFLAGS_CF if src == 0 else 0)
+        elif kind == "blsi":
+            result = src & -src & mask
+            zf_cf = _zs(result, sign) | (RFLAGS_CF if src != 0 else 0)
+        else:  # blsmsk: ZF is always cleared (SDM BLSMSK)
+            result = (src ^ (src - 1)) & mask
+            zf_cf = (RFLAGS_SF if result & sign else 0) | (RFLAGS_CF if src == 0 else 0)
+        writes.append((insn.reg_name(dest.reg), result))
+        flags = (zf_cf, RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
+    elif kind in ("pdep", "pext"):
+        # pdep/pext dest, src (VEX.vvvv), mask (r/m).
+        src, sel = value(ops[1]), value(ops[2])
+        result, k = 0, 0
+        for bit in range(width):
+            if sel >> bit & 1:
+                if kind == "pdep":
+                    result |= (src >> k & 1) << bit
+                else:
+                    result |= (src >> bit & 1) << k
+                k += 1
+        writes.append((insn.reg_name(dest.reg), result))
+    elif kind == "mulx":
+        # mulx hi (ModRM.reg), lo (VEX.vvvv), src (r/m): EDX/RDX * src, no flags.
+        # The high half is written last: if both name one register, it wins.
+        rdx = _reg(regs, "rdx" if width == 64 else "edx")
+        product = rdx * value(ops[2])
+        writes.append((insn.reg_name(ops[1].reg), product & mask))
+        writes.append((insn.reg_name(dest.reg), product >> width))
+    elif kind in ("lzcnt", "tzcnt"):
+        src = value(ops[1])
+        if kind == "lzcnt":
+            result = width - src.bit_length()
+        else:
+            result = (src & -src).bit_length() - 1 if src else width
+        writes.append((insn.reg_name(dest.reg), result))
+        cf = RFLAGS_CF if src == 0 else 0
+        flags = (cf | (RFLAGS_ZF if result == 0 else 0), RFLAGS_ZF | RFLAGS_CF)
+    elif kind == "popcnt":
+        src = value(ops[1])
+        result = bin(src).count("1")
+        writes.append((insn.reg_name(dest.reg), result))
+        flags = (RFLAGS_ZF if src == 0 else 0, RFLAGS_ARITH)
+    elif kind == "movbe":
+        src = value(ops[1]).to_bytes(dest.size, "little")[::-1]
+        if dest.type == x86.X86_OP_MEM:
+            addr = _effective_address(insn, dest.mem, regs, sregs, bits)
+            write_linear(mem, sregs, addr, src)
+        else:
+            writes.append((insn.reg_name(dest.reg), int.from_bytes(src, "little")))
+    else:
+        return None
+    rip = regs.rip
+    for name, result in writes:
+        _set_reg(regs, name, result)
+    if flags is not None:
+        new, defined = flags
+        regs.rflags = (regs.rflags & ~defined) | new
+    regs.rip = rip + insn.size
+    vcpu.set_regs(regs)
+    return f"emulated {diagnose.format_insn(insn)} at {rip:#x}"
+
+
+def _zs(result: int, sign: int) -> int:
+    """ZF and SF for a result (SDM vol. 1, 3.4.3.1)."""
+    return (RFLAGS_ZF if result == 0 else 0) | (RFLAGS_SF if result & sign else 0)
 
 
 def _push_frame(mem, sregs, rsp: int, values: list[int], width: int, mask: int) -> int:
