@@ -5,8 +5,6 @@ Only the plan is shown: nothing here reads the kernel or touches KVM.
 
 from __future__ import annotations
 
-from typing import Any
-
 from .layout import fmt_size
 from .plan import E820_TYPE_NAMES, BootPlan, Chunk, CpuState, FileRange, Segment
 
@@ -76,20 +74,20 @@ def format_plan(plan: BootPlan) -> str:
 def _segment_json(seg: Segment | None) -> dict[str, int] | None:
     if seg is None:
         return None
-    return {k: getattr(seg, k) for k in seg.__dataclass_fields__}
+    return {k: getattr(seg, k) for k in seg._fields}
 
 
-def _cpu_json(cpu: CpuState) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name in cpu.__dataclass_fields__:
+def _cpu_json(cpu: CpuState) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for name in cpu._fields:
         value = getattr(cpu, name)
         out[name] = _segment_json(value) if name in _SEGMENT_REGS else value
     return out
 
 
-def _chunk_json(c: Chunk) -> dict[str, Any]:
+def _chunk_json(c: Chunk) -> dict[str, object]:
     if isinstance(c.source, FileRange):
-        source: dict[str, Any] = {
+        source: dict[str, object] = {
             "file": c.source.path,
             "offset": c.source.offset,
             "length": c.source.length,
@@ -99,7 +97,7 @@ def _chunk_json(c: Chunk) -> dict[str, Any]:
     return {"addr": c.addr, "size": c.size, "end": c.end, "label": c.label, "source": source}
 
 
-def plan_to_json(plan: BootPlan) -> dict[str, Any]:
+def plan_to_json(plan: BootPlan) -> dict[str, object]:
     """The plan as a JSON-serialisable dict (addresses as integers)."""
     return {
         "protocol": plan.protocol,

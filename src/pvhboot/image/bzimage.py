@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass
 
+from .._record import Record
 from ..errors import ImageError
 
 # boot.rst "The real-mode kernel header": the offsets checked before the header is trusted
@@ -133,30 +133,62 @@ FIELD_SINCE = {
 }
 
 
-@dataclass
-class BzImageInfo:
-    protocol: int  # e.g. 0x20f
-    protocol_str: str  # "2.15"
-    setup_sects: int  # effective value (0 in the file means 4)
-    loadflags: int
-    xloadflags: int
-    pref_address: int
-    init_size: int
-    kernel_alignment: int
-    relocatable: bool
-    handover_offset: int
-    cmdline_size: int
-    initrd_addr_max: int
-    kernel_version: str | None
-    pm_offset: int  # file offset of the protected-mode code
-    pm_size: int  # bytes of protected-mode code in the file
-    payload_offset: int  # absolute file offset of the compressed payload
-    payload_length: int
-    codec: str | None
-    setup_header: bytes
-    is_pe: bool
-    code32_start: int = DEFAULT_LOAD_ADDRESS
-    syssize: int = 0
+class BzImageInfo(Record):
+    """The facts of a bzImage's setup header (Documentation/arch/x86/boot.rst)."""
+
+    __slots__ = ("protocol", "protocol_str", "setup_sects", "loadflags", "xloadflags",
+                 "pref_address", "init_size", "kernel_alignment", "relocatable",
+                 "handover_offset", "cmdline_size", "initrd_addr_max", "kernel_version",
+                 "pm_offset", "pm_size", "payload_offset", "payload_length", "codec",
+                 "setup_header", "is_pe", "code32_start", "syssize")
+
+    def __init__(
+        self,
+        protocol: int,  # e.g. 0x20f
+        protocol_str: str,  # "2.15"
+        setup_sects: int,  # effective value (0 in the file means 4)
+        loadflags: int,
+        xloadflags: int,
+        pref_address: int,
+        init_size: int,
+        kernel_alignment: int,
+        relocatable: bool,
+        handover_offset: int,
+        cmdline_size: int,
+        initrd_addr_max: int,
+        kernel_version: str | None,
+        pm_offset: int,  # file offset of the protected-mode code
+        pm_size: int,  # bytes of protected-mode code in the file
+        payload_offset: int,  # absolute file offset of the compressed payload
+        payload_length: int,
+        codec: str | None,
+        setup_header: bytes,
+        is_pe: bool,
+        code32_start: int = DEFAULT_LOAD_ADDRESS,
+        syssize: int = 0,
+    ) -> None:
+        self.protocol = protocol
+        self.protocol_str = protocol_str
+        self.setup_sects = setup_sects
+        self.loadflags = loadflags
+        self.xloadflags = xloadflags
+        self.pref_address = pref_address
+        self.init_size = init_size
+        self.kernel_alignment = kernel_alignment
+        self.relocatable = relocatable
+        self.handover_offset = handover_offset
+        self.cmdline_size = cmdline_size
+        self.initrd_addr_max = initrd_addr_max
+        self.kernel_version = kernel_version
+        self.pm_offset = pm_offset
+        self.pm_size = pm_size
+        self.payload_offset = payload_offset
+        self.payload_length = payload_length
+        self.codec = codec
+        self.setup_header = setup_header
+        self.is_pe = is_pe
+        self.code32_start = code32_start
+        self.syssize = syssize
 
     @property
     def loadflag_names(self) -> list[str]:

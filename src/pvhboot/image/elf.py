@@ -10,8 +10,8 @@ corrupt header gives one ImageError line and never a big allocation.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
+from .._record import FrozenRecord, Record
 from ..errors import ImageError
 from .notes import ElfNote, parse_notes, pvh_entry_from_notes, xen_pv_entry_from_notes
 
@@ -106,34 +106,53 @@ _STRUCTS = {
 }
 
 
-@dataclass(frozen=True)
-class ElfSegment:
-    type: int
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
-    flags: int
-    align: int
+class ElfSegment(FrozenRecord):
+    """One program header (Phdr), as read."""
+
+    __slots__ = ("type", "offset", "vaddr", "paddr", "filesz", "memsz", "flags", "align")
+
+    def __init__(self, type: int, offset: int, vaddr: int, paddr: int,  # noqa: A002
+                 filesz: int, memsz: int, flags: int, align: int) -> None:
+        self._init(type, offset, vaddr, paddr, filesz, memsz, flags, align)
+
+    def __repr__(self) -> str:
+        return (f"ElfSegment(type={self.type:#x}, offset={self.offset:#x}, "
+                f"vaddr={self.vaddr:#x}, paddr={self.paddr:#x}, filesz={self.filesz:#x}, "
+                f"memsz={self.memsz:#x}, flags={self.flags:#x}, align={self.align:#x})")
 
     @property
     def is_load(self) -> bool:
         return self.type == PT_LOAD
 
 
-@dataclass
-class ElfInfo:
-    elf_class: int  # 32 or 64
-    machine: int  # e_machine (62 = x86-64)
-    entry: int  # e_entry as written
-    segments: list[ElfSegment]
-    notes: list[ElfNote]
-    pvh_entry: int | None
-    xen_pv_entry: int | None
-    # e_entry translated to a physical address (see physical_address()).
-    entry_paddr: int | None = None
-    size: int = 0  # bytes in the file
+class ElfInfo(Record):
+    """What pvhboot needs from an ELF's headers."""
+
+    __slots__ = ("elf_class", "machine", "entry", "segments", "notes", "pvh_entry",
+                 "xen_pv_entry", "entry_paddr", "size")
+
+    def __init__(
+        self,
+        elf_class: int,  # 32 or 64
+        machine: int,  # e_machine (62 = x86-64)
+        entry: int,  # e_entry as written
+        segments: list[ElfSegment],
+        notes: list[ElfNote],
+        pvh_entry: int | None,
+        xen_pv_entry: int | None,
+        # e_entry translated to a physical address (see physical_address()).
+        entry_paddr: int | None = None,
+        size: int = 0,  # bytes in the file
+    ) -> None:
+        self.elf_class = elf_class
+        self.machine = machine
+        self.entry = entry
+        self.segments = segments
+        self.notes = notes
+        self.pvh_entry = pvh_entry
+        self.xen_pv_entry = xen_pv_entry
+        self.entry_paddr = entry_paddr
+        self.size = size
 
     @property
     def load_segments(self) -> list[ElfSegment]:

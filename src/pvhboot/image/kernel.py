@@ -18,11 +18,16 @@ docs/inspect-json.md; change it only together with that file and
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass, field
 
+from .._record import Record
 from ..errors import CodecError, ImageError
-from .bzimage import BzImageInfo, is_bzimage, is_pe, parse_bzimage
 from .elf import ELF_MAGIC, EM_X86_64, PT_LOAD, ElfInfo, is_elf, parse_elf
+
+# The bzImage and PE readers are imported only for files that are not ELF:
+# the boot path opens a vmlinux with nothing but the ELF reader.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .bzimage import BzImageInfo
 
 SCHEMA_VERSION = 1
 # Decompressed payloads are held in memory; no real vmlinux is near this, and
@@ -32,13 +37,22 @@ BANNER_PREFIX = b"Linux version "  # init/version.c linux_banner
 MAX_BANNER = 512
 
 
-@dataclass
-class EntryPoints:
-    pvh: int | None = None  # 32-bit physical entry (Xen note 18)
-    linux64: int | None = None  # 64-bit boot protocol entry (physical)
-    xen_pv: int | None = None  # XEN_ELFNOTE_ENTRY (virtual)
-    efi_handover: int | None = None  # handover_offset, relative to the protected-mode code
-    efi_pe: bool = False  # the file is a PE image firmware can start
+class EntryPoints(Record):
+    __slots__ = ("pvh", "linux64", "xen_pv", "efi_handover", "efi_pe")
+
+    def __init__(
+        self,
+        pvh: int | None = None,  # 32-bit physical entry (Xen note 18)
+        linux64: int | None = None,  # 64-bit boot protocol entry (physical)
+        xen_pv: int | None = None,  # XEN_ELFNOTE_ENTRY (virtual)
+        efi_handover: int | None = None,  # handover_offset, relative to the protected-mode code
+        efi_pe: bool = False,  # the file is a PE image firmware can start
+    ) -> None:
+        self.pvh = pvh
+        self.linux64 = linux64
+        self.xen_pv = xen_pv
+        self.efi_handover = efi_handover
+        self.efi_pe = efi_pe
 
     def to_json(self) -> dict:
         return {
@@ -50,22 +64,42 @@ class EntryPoints:
         }
 
 
-@dataclass
-class KernelImage:
-    path: str
-    format: str  # "elf" | "bzimage" | "pe" | "compressed-elf"
-    compression: str | None
-    kernel_version: str | None
-    entry_points: EntryPoints
-    pvh_capable: bool | None
-    elf: ElfInfo | None = None
-    bzimage: BzImageInfo | None = None
-    pe: object | None = None  # pe.PeInfo for any PE image (bzImage with EFI stub included)
-    size: int = 0
-    payload_size: int | None = None  # bytes of the decompressed ELF, when read
-    _payload: bytes | None = field(default=None, repr=False)
-    _raw: bytes | None = field(default=None, repr=False)  # for images not read from a file
-    _config: object = field(default=False, repr=False)  # False = not searched yet
+class KernelImage(Record):
+    __slots__ = ("path", "format", "compression", "kernel_version", "entry_points",
+                 "pvh_capable", "elf", "bzimage", "pe", "size", "payload_size",
+                 "_payload", "_raw", "_config")
+
+    def __init__(
+        self,
+        path: str,
+        format: str,  # noqa: A002  "elf" | "bzimage" | "pe" | "compressed-elf"
+        compression: str | None,
+        kernel_version: str | None,
+        entry_points: EntryPoints,
+        pvh_capable: bool | None,
+        elf: ElfInfo | None = None,
+        bzimage: BzImageInfo | None = None,
+        pe: object | None = None,  # pe.PeInfo for any PE image (bzImage with EFI stub included)
+        size: int = 0,
+        payload_size: int | None = None,  # bytes of the decompressed ELF, when read
+        _payload: bytes | None = None,
+        _raw: bytes | None = None,  # for images not read from a file
+        _config: object = False,  # False = not searched yet
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.compression = compression
+        self.kernel_version = kernel_version
+        self.entry_points = entry_points
+        self.pvh_capable = pvh_capable
+        self.elf = elf
+        self.bzimage = bzimage
+        self.pe = pe
+        self.size = size
+        self.payload_size = payload_size
+        self._payload = _payload
+        self._raw = _raw
+        self._config = _config
 
     @property
     def kernel_release(self) -> str | None:
@@ -224,15 +258,18 @@ def image_from_buffer(data, path: str = "<memory>", *, load_payload: bool = True
         # The banner scan reads the whole file: skip it on the headers-only (boot) path.
         img = _from_elf(parse_elf(data, what=path), path, "elf", None,
                         data if load_payload else None)
-    elif is_bzimage(data):
-        img = _from_bzimage(data, path, load_payload)
-    elif is_pe(data):
-        from .pe import parse_pe
-
-        pe = parse_pe(data, what=path)
-        img = KernelImage(path, "pe", None, None, EntryPoints(efi_pe=True), False, pe=pe)
     else:
-        img = _from_compressed(data, path, load_payload)
+        from .bzimage import is_bzimage, is_pe
+
+        if is_bzimage(data):
+            img = _from_bzimage(data, path, load_payload)
+        elif is_pe(data):
+            from .pe import parse_pe
+
+            pe = parse_pe(data, what=path)
+            img = KernelImage(path, "pe", None, None, EntryPoints(efi_pe=True), False, pe=pe)
+        else:
+            img = _from_compressed(data, path, load_payload)
     img.size = size
     img._raw = raw
     return img
@@ -280,6 +317,8 @@ def _has_build_number(line: str) -> bool:
 
 
 def _from_bzimage(data, path: str, load_payload: bool) -> KernelImage:
+    from .bzimage import parse_bzimage
+
     bz = parse_bzimage(data, what=path)
     pe = None
     if bz.is_pe:

@@ -12,8 +12,8 @@ ABI_TAG. Every lookup here is by the raw ``(owner, type)`` pair.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
+from .._record import FrozenRecord
 from ..errors import ImageError
 
 # Xen public/elfnote.h: XEN_ELFNOTE_* (owner "Xen").
@@ -69,12 +69,11 @@ NOTE_ALIGN = 4  # see module docstring: always 4, never p_align
 MAX_OWNER_LEN = 256
 
 
-@dataclass(frozen=True)
-class ElfNote:
-    owner: str
-    type: int
-    type_name: str | None
-    desc: bytes
+class ElfNote(FrozenRecord):
+    __slots__ = ("owner", "type", "type_name", "desc")
+
+    def __init__(self, owner: str, type: int, type_name: str | None, desc: bytes) -> None:  # noqa: A002
+        self._init(owner, type, type_name, desc)
 
 
 def note_type_name(owner: str, note_type: int) -> str | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from dataclasses import dataclass
 
+from .._record import FrozenRecord
 from ..errors import ImageError
 
 MZ_MAGIC = b"MZ"
@@ -53,15 +53,14 @@ SUBSYSTEM_NAMES = {10: "EFI_APPLICATION", 11: "EFI_BOOT_SERVICE_DRIVER",
                    12: "EFI_RUNTIME_DRIVER", 13: "EFI_ROM"}
 
 
-@dataclass(frozen=True)
-class PeInfo:
-    machine: int
-    machine_name: str | None
-    sections: int
-    pe32plus: bool
-    entry_rva: int
-    subsystem: int | None
-    subsystem_name: str | None
+class PeInfo(FrozenRecord):
+    __slots__ = ("machine", "machine_name", "sections", "pe32plus", "entry_rva", "subsystem",
+                 "subsystem_name")
+
+    def __init__(self, machine: int, machine_name: str | None, sections: int, pe32plus: bool,
+                 entry_rva: int, subsystem: int | None, subsystem_name: str | None) -> None:
+        self._init(machine, machine_name, sections, pe32plus, entry_rva, subsystem,
+                   subsystem_name)
 
 
 def parse_pe(data, *, what: str = "PE image") -> PeInfo:
