@@ -68,9 +68,10 @@ def extract(image: str, out: str, *, force: bool = False) -> dict:
             except BufferError:  # the decoder's traceback still holds a slice of it
                 pass
     finally:
-        from ..image.kernel import close_quietly
-
-        close_quietly(mm)
+        try:
+            mm.close()
+        except BufferError:  # as above: the mapping goes with the last view
+            pass
     if fmt == "elf":
         print(f"pvhboot: {image} is already an uncompressed ELF; copied it unchanged to {out}",
               file=sys.stderr)
@@ -79,22 +80,27 @@ def extract(image: str, out: str, *, force: bool = False) -> dict:
 
 def _locate(mm, image: str):
     """(format, codec or None, start, length) of the bytes to decompress or copy."""
+    # Only the readers this file needs: a plain ELF is copied without any.
+    if mm[:4] == ELF_MAGIC:
+        return "elf", None, 0, len(mm)
     from ..errors import ImageError
     from ..image.bzimage import is_bzimage, is_pe, parse_bzimage
-    from ..image.compression import detect_codec
-    from ..image.elf import is_elf
 
-    if is_elf(mm):
-        return "elf", None, 0, len(mm)
     if is_bzimage(mm):
-        from ..image.kernel import payload_view
-
         bz = parse_bzimage(mm, what=image)
-        payload_view(mm, bz, image).release()  # validates: a payload with a known codec
+        if not bz.payload_length:
+            raise ImageError(f"{image}: the setup header declares no payload "
+                             f"(boot protocol {bz.protocol_str}; 2.08+ needed)")
+        if bz.codec is None:
+            head = mm[bz.payload_offset : bz.payload_offset + 4].hex()
+            raise ImageError(f"{image}: payload at {bz.payload_offset:#x} starts with {head}, "
+                             "which is no codec Linux uses (gzip bzip2 lzma xz lzo lz4 zstd)")
         return "bzimage", bz.codec, bz.payload_offset, bz.payload_length
     if is_pe(mm):
         raise ImageError(f"{image} is a PE image without a Linux setup header; "
                          "it holds no vmlinux payload to extract")
+    from ..image.compression import detect_codec
+
     codec = detect_codec(mm[:16])
     if codec is None:
         raise ImageError(f"{image}: not a kernel image: no ELF magic, no bzImage 'HdrS' header "
