@@ -93,6 +93,9 @@ BIT_INSNS = frozenset({
 })
 
 
+_UNDECODED = object()  # a plan-cache miss
+
+
 def is_pvm_host() -> bool:
     """True on a KVM PVM host; PVHBOOT_FORCE_PVM_QUIRKS=0/1 overrides the detection."""
     forced = os.environ.get(FORCE_ENV)
@@ -106,6 +109,8 @@ class HostQuirks:
         self.enabled = enabled
         self.pvm_host = is_pvm_host() if pvm_host is None else pvm_host
         self.counts: dict[str, int] = {}  # handled instructions per kind
+        # (code bits, instruction bytes) -> _BitPlan, or None for anything else
+        self._plans: dict[tuple[int, bytes], _BitPlan | None] = {}
 
     @property
     def active(self) -> bool:
@@ -148,27 +153,31 @@ class HostQuirks:
             code = diagnose.fetch_code(mem, sregs, regs.rip)
         except GuestError:
             return None
-        insn = diagnose.disassemble(code, regs.rip, bits, detail=True)
-        if insn is None:
-            return None
-        kind = insn.mnemonic
-        try:
-            if kind == "int3":
-                done = self._deliver_bp(vcpu, mem, regs, sregs, insn.size, bits)
-            elif kind in ("wait", "fwait"):
-                done = self._skip(vcpu, regs, insn.size)
-            elif kind in ("clac", "stac"):
-                if kind == "stac":
-                    regs.rflags |= RFLAGS_AC
-                else:
-                    regs.rflags &= ~RFLAGS_AC
-                done = self._skip(vcpu, regs, insn.size)
-            elif kind in ("ldmxcsr", "vldmxcsr"):
-                done = self._ldmxcsr(vcpu, mem, regs, sregs, insn, bits)
-            elif kind in BIT_INSNS:
-                done = _bit_insn(vcpu, mem, regs, sregs, insn, bits)
-            else:
+        key = (bits, code)
+        plan = self._plans.get(key, _UNDECODED)
+        insn = None
+        if plan is _UNDECODED:
+            insn = diagnose.disassemble(code, regs.rip, bits, detail=True)
+            if insn is None:
                 return None
+            plan = None
+            if insn.mnemonic in BIT_INSNS:
+                try:
+                    plan = _plan_bit_insn(insn, bits)
+                except GuestError:
+                    return None
+            if len(self._plans) >= PLAN_CACHE_MAX:
+                self._plans.clear()
+            self._plans[key] = plan
+        try:
+            if plan is not None:
+                kind = plan.kind
+                done = _run_bit_plan(vcpu, mem, regs, sregs, plan, bits)
+            else:
+                if insn is None:
+                    insn = diagnose.disassemble(code, regs.rip, bits, detail=True)
+                kind = insn.mnemonic
+                done = self._other_insn(vcpu, mem, regs, sregs, insn, bits)
         except GuestError:
             # A guest structure we need (IDT, TSS, stack, operand) is not
             # reachable: let the VMM report the original failure.
@@ -177,6 +186,22 @@ class HostQuirks:
             return None
         self.counts[kind] = self.counts.get(kind, 0) + 1
         return done
+
+    def _other_insn(self, vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
+        kind = insn.mnemonic
+        if kind == "int3":
+            return self._deliver_bp(vcpu, mem, regs, sregs, insn.size, bits)
+        if kind in ("wait", "fwait"):
+            return self._skip(vcpu, regs, insn.size)
+        if kind in ("clac", "stac"):
+            if kind == "stac":
+                regs.rflags |= RFLAGS_AC
+            else:
+                regs.rflags &= ~RFLAGS_AC
+            return self._skip(vcpu, regs, insn.size)
+        if kind in ("ldmxcsr", "vldmxcsr"):
+            return self._ldmxcsr(vcpu, mem, regs, sregs, insn, bits)
+        return None
 
     @staticmethod
     def _skip(vcpu, regs, length: int) -> str:
@@ -250,59 +275,132 @@ def _reg(regs, name: str) -> int:
     return getattr(regs, field) & ((1 << (8 * width)) - 1)
 
 
-def _set_reg(regs, name: str, value: int) -> None:
-    """Write a general register as the CPU does (SDM vol. 1, 3.4.1.1).
-
-    A 32-bit destination zero-extends into the full 64-bit register; a 16-bit
-    one leaves the upper 48 bits alone.
-    """
-    field_width = _GPR_WIDTH.get(name)
-    if field_width is None:
-        raise GuestError(f"cannot write register {name}")
-    field, width = field_width
-    mask = (1 << (8 * width)) - 1
-    if width == 2:
-        value = (getattr(regs, field) & ~mask) | (value & mask)
-    else:
-        value &= mask
-    setattr(regs, field, value)
-
-
 # --- BMI1/BMI2/LZCNT/POPCNT/MOVBE ------------------------------------------------
+#
+# A zstd decompressor runs these in its inner loop, so one boot brings tens of
+# thousands of exits per second here. Capstone's decode (with operand details)
+# is the dearest part of handling one, so each distinct instruction is decoded
+# once into a _BitPlan: plain tuples the executor reads without capstone.
+
+# Operand descriptors in a plan:
+#   ("r", kvm_regs field, width in bytes)
+#   ("i", value)
+#   ("m", base, base_mask, index, index_mask, scale, disp, segment, addr_mask, size)
+# where base is a kvm_regs field, "rip" or None; index a field or None;
+# segment "fs"/"gs"/"ds"/"ss"/... or None.
+PLAN_CACHE_MAX = 4096  # distinct instruction byte strings kept decoded
 
 
-def _bit_insn(vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
-    """Finish one of BIT_INSNS: read its sources, compute, write, advance RIP.
+class _BitPlan:
+    __slots__ = ("kind", "size", "text", "ops", "width")
 
-    Every source (and every page a memory destination touches) is read or
-    translated before anything is written, so a GuestError leaves the vCPU
-    untouched. Flags an instruction leaves undefined keep their old values.
-    """
+    def __init__(self, kind: str, size: int, text: str, ops: tuple, width: int) -> None:
+        self.kind, self.size, self.text, self.ops, self.width = kind, size, text, ops, width
+
+
+def _plan_bit_insn(insn, bits: int) -> _BitPlan | None:
+    """Capstone's decode of one of BIT_INSNS as a _BitPlan; None if its shape is unexpected."""
     from capstone import x86  # lazy, as everywhere on the run path
 
-    kind = insn.mnemonic
-    ops = list(insn.operands)
-
-    def value(op) -> int:
+    ops = []
+    for op in insn.operands:
         if op.type == x86.X86_OP_REG:
-            return _reg(regs, insn.reg_name(op.reg))
-        if op.type == x86.X86_OP_IMM:
-            return op.imm
-        if op.type == x86.X86_OP_MEM:
-            addr = _effective_address(insn, op.mem, regs, sregs, bits)
-            return int.from_bytes(read_linear(mem, sregs, addr, op.size), "little")
-        raise GuestError(f"unexpected operand in {kind}")
-
-    if not ops:
+            field_width = _GPR_WIDTH.get(insn.reg_name(op.reg))
+            if field_width is None:
+                return None
+            ops.append(("r", *field_width))
+        elif op.type == x86.X86_OP_IMM:
+            ops.append(("i", op.imm))
+        elif op.type == x86.X86_OP_MEM:
+            ops.append(_plan_mem(insn, op, bits))
+        else:
+            return None
+    if not ops or ops[0][0] == "i":
         return None
-    dest = ops[0]
-    width = dest.size * 8
+    width = insn.operands[0].size * 8
     if width not in (16, 32, 64):
         return None
+    kind = insn.mnemonic
+    expected = {"blsr": 2, "blsi": 2, "blsmsk": 2, "lzcnt": 2, "tzcnt": 2, "popcnt": 2,
+                "movbe": 2}.get(kind, 3)
+    if len(ops) != expected:
+        return None
+    if kind != "movbe" and ops[0][0] != "r":
+        return None
+    return _BitPlan(kind, insn.size, diagnose.format_insn(insn), tuple(ops), width)
+
+
+def _plan_mem(insn, op, bits: int) -> tuple:
+    m = op.mem
+    base = base_mask = index = index_mask = None
+    if m.base:
+        name = insn.reg_name(m.base)
+        if name in ("rip", "eip"):
+            base, base_mask = "rip", (1 << 64) - 1
+        else:
+            base, base_width = _GPR_WIDTH.get(name, (None, 0))
+            if base is None or base_width == 2:
+                raise GuestError(f"cannot evaluate register {name} in a memory operand")
+            base_mask = (1 << (8 * base_width)) - 1
+    if m.index:
+        name = insn.reg_name(m.index)
+        index, index_width = _GPR_WIDTH.get(name, (None, 0))
+        if index is None or index_width == 2:
+            raise GuestError(f"cannot evaluate register {name} in a memory operand")
+        index_mask = (1 << (8 * index_width)) - 1
+    addr_size = getattr(insn, "addr_size", bits // 8) or bits // 8
+    seg = insn.reg_name(m.segment) if m.segment else None
+    if bits != 64 and seg is None:
+        base_name = insn.reg_name(m.base) if m.base else ""
+        seg = "ss" if base_name in ("esp", "ebp") else "ds"
+    addr_mask = (1 << (8 * addr_size)) - 1
+    return ("m", base, base_mask, index, index_mask, m.scale, m.disp, seg, addr_mask, op.size)
+
+
+def _plan_address(op: tuple, regs, sregs, next_rip: int, bits: int) -> int:
+    """Linear address of a planned memory operand (SDM vol. 1, 3.7.5)."""
+    _m, base, base_mask, index, index_mask, scale, disp, seg, addr_mask, _size = op
+    addr = disp
+    if base == "rip":
+        addr += next_rip
+    elif base is not None:
+        addr += getattr(regs, base) & base_mask
+    if index is not None:
+        addr += (getattr(regs, index) & index_mask) * scale
+    addr &= addr_mask
+    if bits == 64:
+        # Only FS and GS have bases in 64-bit mode.
+        if seg in ("fs", "gs"):
+            addr += getattr(sregs, seg).base
+        return addr & 0xFFFF_FFFF_FFFF_FFFF
+    return (getattr(sregs, seg).base + addr) & 0xFFFF_FFFF
+
+
+def _run_bit_plan(vcpu, mem, regs, sregs, plan: _BitPlan, bits: int) -> str:
+    """Finish one of BIT_INSNS: read its sources, compute, write, advance RIP.
+
+    Every source is read (and a memory destination's pages translated) before
+    anything is written, so a GuestError leaves the vCPU untouched. Flags an
+    instruction leaves undefined keep their old values.
+    """
+    kind, ops, width = plan.kind, plan.ops, plan.width
+    rip = regs.rip
+    next_rip = rip + plan.size
+
+    def value(op) -> int:
+        tag = op[0]
+        if tag == "r":
+            return getattr(regs, op[1]) & ((1 << (8 * op[2])) - 1)
+        if tag == "i":
+            return op[1]
+        addr = _plan_address(op, regs, sregs, next_rip, bits)
+        return int.from_bytes(read_linear(mem, sregs, addr, op[9]), "little")
+
     mask = (1 << width) - 1
     sign = 1 << (width - 1)
-    flags = None  # (value, mask of flags it defines) when the instruction sets flags
-    writes: list[tuple[str, int]] = []  # (register name, value) in write order
+    flags = None  # (new bits, the flags the instruction defines)
+    writes: list[tuple[tuple, int]] = []  # (register operand, value) in write order
+    dest = ops[0]
     if kind in ("shlx", "shrx", "sarx"):
         # dest = src1 shifted by src2, the count masked to 5 or 6 bits (SDM SHLX).
         src, count = value(ops[1]), value(ops[2]) & (width - 1)
@@ -312,15 +410,14 @@ def _bit_insn(vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
             result = src >> count
         else:
             result = (src - (1 << width) if src & sign else src) >> count
-        writes.append((insn.reg_name(dest.reg), result & mask))
+        writes.append((dest, result & mask))
     elif kind == "rorx":
         src, count = value(ops[1]), value(ops[2]) & (width - 1)
-        result = ((src >> count) | (src << (width - count))) & mask
-        writes.append((insn.reg_name(dest.reg), result))
+        writes.append((dest, ((src >> count) | (src << (width - count))) & mask))
     elif kind == "andn":
         # Intel order: andn dest, src1 (inverted, VEX.vvvv), src2 (r/m).
         result = ~value(ops[1]) & value(ops[2]) & mask
-        writes.append((insn.reg_name(dest.reg), result))
+        writes.append((dest, result))
         flags = (_zs(result, sign), RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
     elif kind == "bzhi":
         # Index from bits 7:0 of VEX.vvvv; CF when it is past the operand size.
@@ -329,21 +426,21 @@ def _bit_insn(vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
             result, cf = src & ((1 << index) - 1), 0
         else:
             result, cf = src, RFLAGS_CF
-        writes.append((insn.reg_name(dest.reg), result))
+        writes.append((dest, result))
         flags = (_zs(result, sign) | cf, RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
     elif kind in ("blsr", "blsi", "blsmsk"):
         src = value(ops[1])
         if kind == "blsr":
             result = src & (src - 1) & mask
-            zf_cf = _zs(result, sign) | (RFLAGS_CF if src == 0 else 0)
+            new = _zs(result, sign) | (RFLAGS_CF if src == 0 else 0)
         elif kind == "blsi":
             result = src & -src & mask
-            zf_cf = _zs(result, sign) | (RFLAGS_CF if src != 0 else 0)
+            new = _zs(result, sign) | (RFLAGS_CF if src != 0 else 0)
         else:  # blsmsk: ZF is always cleared (SDM BLSMSK)
             result = (src ^ (src - 1)) & mask
-            zf_cf = (RFLAGS_SF if result & sign else 0) | (RFLAGS_CF if src == 0 else 0)
-        writes.append((insn.reg_name(dest.reg), result))
-        flags = (zf_cf, RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
+            new = (RFLAGS_SF if result & sign else 0) | (RFLAGS_CF if src == 0 else 0)
+        writes.append((dest, result))
+        flags = (new, RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF | RFLAGS_CF)
     elif kind in ("pdep", "pext"):
         # pdep/pext dest, src (VEX.vvvv), mask (r/m).
         src, sel = value(ops[1]), value(ops[2])
@@ -355,46 +452,43 @@ def _bit_insn(vcpu, mem, regs, sregs, insn, bits: int) -> str | None:
                 else:
                     result |= (src >> bit & 1) << k
                 k += 1
-        writes.append((insn.reg_name(dest.reg), result))
+        writes.append((dest, result))
     elif kind == "mulx":
         # mulx hi (ModRM.reg), lo (VEX.vvvv), src (r/m): EDX/RDX * src, no flags.
         # The high half is written last: if both name one register, it wins.
-        rdx = _reg(regs, "rdx" if width == 64 else "edx")
-        product = rdx * value(ops[2])
-        writes.append((insn.reg_name(ops[1].reg), product & mask))
-        writes.append((insn.reg_name(dest.reg), product >> width))
+        product = (regs.rdx & mask) * value(ops[2])
+        writes.append((ops[1], product & mask))
+        writes.append((dest, product >> width))
     elif kind in ("lzcnt", "tzcnt"):
         src = value(ops[1])
         if kind == "lzcnt":
             result = width - src.bit_length()
         else:
             result = (src & -src).bit_length() - 1 if src else width
-        writes.append((insn.reg_name(dest.reg), result))
-        cf = RFLAGS_CF if src == 0 else 0
-        flags = (cf | (RFLAGS_ZF if result == 0 else 0), RFLAGS_ZF | RFLAGS_CF)
+        writes.append((dest, result))
+        new = (RFLAGS_CF if src == 0 else 0) | (RFLAGS_ZF if result == 0 else 0)
+        flags = (new, RFLAGS_ZF | RFLAGS_CF)
     elif kind == "popcnt":
         src = value(ops[1])
-        result = bin(src).count("1")
-        writes.append((insn.reg_name(dest.reg), result))
+        writes.append((dest, bin(src).count("1")))
         flags = (RFLAGS_ZF if src == 0 else 0, RFLAGS_ARITH)
-    elif kind == "movbe":
-        src = value(ops[1]).to_bytes(dest.size, "little")[::-1]
-        if dest.type == x86.X86_OP_MEM:
-            addr = _effective_address(insn, dest.mem, regs, sregs, bits)
-            write_linear(mem, sregs, addr, src)
+    else:  # movbe
+        data = value(ops[1]).to_bytes(width // 8, "little")[::-1]
+        if dest[0] == "m":
+            addr = _plan_address(dest, regs, sregs, next_rip, bits)
+            write_linear(mem, sregs, addr, data)
         else:
-            writes.append((insn.reg_name(dest.reg), int.from_bytes(src, "little")))
-    else:
-        return None
-    rip = regs.rip
-    for name, result in writes:
-        _set_reg(regs, name, result)
+            writes.append((dest, int.from_bytes(data, "little")))
+    for (_r, field, nbytes), result in writes:
+        if nbytes == 2:  # a 16-bit destination keeps bits 63:16 (SDM vol. 1, 3.4.1.1)
+            result = (getattr(regs, field) & ~0xFFFF) | result
+        setattr(regs, field, result)  # 32-bit results are already zero-extended
     if flags is not None:
         new, defined = flags
         regs.rflags = (regs.rflags & ~defined) | new
-    regs.rip = rip + insn.size
+    regs.rip = next_rip
     vcpu.set_regs(regs)
-    return f"emulated {diagnose.format_insn(insn)} at {rip:#x}"
+    return f"emulated {plan.text} at {rip:#x}"
 
 
 def _zs(result: int, sign: int) -> int:
