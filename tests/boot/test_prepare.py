@@ -75,7 +75,6 @@ def make_bzimage(payload_elf: bytes, *, protocol: int = 0x20F, version: str = "6
 def cache_dir(tmp_path, monkeypatch):
     # Keep the vmlinux cache of these tests away from the user's.
     d = tmp_path / "cache"
-    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(d))
     monkeypatch.setenv("PVHBOOT_CACHE", str(d / "pvhboot"))
     return d
@@ -232,3 +231,33 @@ def test_bzimage_force_pvh_without_note(tmp_path, vmlinux_cache, cache_dir):
 def test_kernel_is_a_directory(tmp_path):
     with pytest.raises(BootError, match="not a regular file"):
         prepare_boot(str(tmp_path))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_real_bzimage_selection_and_cache(codec, vmlinux_cache, tmp_path, monkeypatch):
+    """The project's small kernel, built with two codecs: its payload has the PVH
+    note, so auto extracts it once and boots the vmlinux through PVH; --boot linux
+    plans the bzImage itself at its preferred address."""
+    from conftest import test_kernel_files
+
+    # Find (or build) the kernel first: the build script also reads PVHBOOT_CACHE.
+    files = test_kernel_files(codec)
+    k = str(files.vmlinuz)
+    monkeypatch.setenv("PVHBOOT_CACHE", str(tmp_path / "pvhboot"))
+    before = vmlinux_cache.DECOMPRESSIONS
+    first = prepare_boot(k, cmdline="console=ttyS0")
+    assert first.plan.protocol == "pvh"
+    assert first.message.startswith("bzImage 6.1.")
+    assert f"({codec}) has a PVH entry: booting the extracted vmlinux through PVH" in first.message
+    assert first.message.endswith("(extracted now)")
+    assert vmlinux_cache.DECOMPRESSIONS == before + 1
+    second = prepare_boot(k, cmdline="console=ttyS0")
+    assert second.message.endswith("(cached)")
+    assert vmlinux_cache.DECOMPRESSIONS == before + 1
+
+    forced = prepare_boot(k, boot="linux")
+    bz = forced.image.bzimage
+    assert forced.plan.protocol == "linux64"
+    assert forced.plan.cpu.rip == bz.pref_address + 0x200
+    assert vmlinux_cache.DECOMPRESSIONS == before + 1

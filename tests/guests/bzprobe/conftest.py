@@ -42,7 +42,6 @@ def probe_initrd(tmp_path):
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Keep the vmlinux cache of these tests out of the user's ~/.cache."""
-    monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("PVHBOOT_CACHE", str(tmp_path / "cache" / "pvhboot"))
     return tmp_path / "cache"
