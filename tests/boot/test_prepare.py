@@ -261,3 +261,15 @@ def test_real_bzimage_selection_and_cache(codec, vmlinux_cache, tmp_path, monkey
     assert forced.plan.protocol == "linux64"
     assert forced.plan.cpu.rip == bz.pref_address + 0x200
     assert vmlinux_cache.DECOMPRESSIONS == before + 1
+
+
+def test_pvh_and_linux64_share_one_memory_map(tmp_path):
+    from pvhboot.boot.linux import zero_page_of
+    from pvhboot.boot.zeropage import e820_from_params
+
+    k = _write(tmp_path, "vmlinux", make_elf(pvh=True))
+    for size in (128 * MIB, 4 << 30):
+        pvh = prepare_boot(k, memory_size=size, boot="pvh").plan
+        linux = prepare_boot(k, memory_size=size, boot="linux").plan
+        assert pvh.memory_map == linux.memory_map
+        assert e820_from_params(zero_page_of(linux)) == pvh.memory_map
