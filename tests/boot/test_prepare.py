@@ -239,7 +239,7 @@ def test_real_bzimage_selection_and_cache(codec, vmlinux_cache, tmp_path, monkey
     """The project's small kernel, built with two codecs: its payload has the PVH
     note, so auto extracts it once and boots the vmlinux through PVH; --boot linux
     plans the bzImage itself at its preferred address."""
-    from conftest import test_kernel_files
+    from pvhtest import test_kernel_files
 
     # Find (or build) the kernel first: the build script also reads PVHBOOT_CACHE.
     files = test_kernel_files(codec)

@@ -13,8 +13,8 @@ Entry bits from the Intel SDM vol. 3A, 4.5 "4-Level Paging".
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from .._record import FrozenRecord
 from ..errors import BootError
 
 PAGE_SIZE = 4096
@@ -30,13 +30,17 @@ PTE_PS = 1 << 7  # in a PDE: this entry maps a 2 MiB page, no page table below
 MAX_TOP = ENTRIES_PER_TABLE * GIB
 
 
-@dataclass(frozen=True)
-class PageTables:
-    """Tables to place at ``addr`` (4 KiB aligned); CR3 = ``pml4``."""
+class PageTables(FrozenRecord):
+    """Tables to place at ``addr`` (4 KiB aligned); CR3 = ``pml4``.
 
-    addr: int
-    data: bytes
-    top: int  # identity-mapped range is [0, top)
+    The identity-mapped range is [0, top). A plain record, not a dataclass:
+    ``dataclasses`` costs milliseconds of import on the boot path.
+    """
+
+    __slots__ = ("addr", "data", "top")
+
+    def __init__(self, addr: int, data: bytes, top: int) -> None:
+        self._init(addr, data, top)
 
     @property
     def pml4(self) -> int:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from .._record import Record
 from ..errors import BootError, ImageError, UsageError
 
+# The `typing` module costs import time on the boot path; this idiom needs none.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ..image.kernel import KernelImage
     from .plan import BootPlan
@@ -38,11 +39,16 @@ _NO_PVH_HINT = (
 )
 
 
-@dataclass
-class PreparedBoot:
-    plan: BootPlan
-    message: str  # the one stderr line: which path and why
-    image: KernelImage
+class PreparedBoot(Record):
+    """What prepare_boot chose: the plan, the one stderr line saying which
+    path and why, and the image as read."""
+
+    __slots__ = ("plan", "message", "image")
+
+    def __init__(self, plan: BootPlan, message: str, image: KernelImage) -> None:
+        self.plan = plan
+        self.message = message
+        self.image = image
 
 
 def _check_file(path: str, what: str) -> str:
@@ -106,23 +112,24 @@ def prepare_boot(
 
 
 def _prepare_elf(img: KernelImage, path: str, boot: str, args: dict) -> PreparedBoot:
-    from .linux import plan_linux_elf
-    from .pvh import plan_pvh
-
+    # Import only the planner the chosen path needs: a PVH boot never loads
+    # linux.py and its zero-page and page-table modules.
     elf = img.elf
-    has_pvh = elf.pvh_entry is not None
-    if boot == "linux":
-        plan = plan_linux_elf(elf, path, **args)
-        msg = "--boot linux: booting the vmlinux through its 64-bit entry (Linux boot protocol)"
-    elif has_pvh:
+    if boot != "linux" and elf.pvh_entry is not None:
+        from .pvh import plan_pvh
+
         plan = plan_pvh(elf, path, **args)
-        msg = "vmlinux has a PVH entry: booting through PVH"
-    elif boot == "pvh":
+        return PreparedBoot(plan, "vmlinux has a PVH entry: booting through PVH", img)
+    if boot == "pvh":
         raise BootError(
             f"--boot pvh: {path} has no PVH entry (no Xen ELF note 18): {_NO_PVH_HINT}"
         )
+    from .linux import plan_linux_elf
+
+    plan = plan_linux_elf(elf, path, **args)
+    if boot == "linux":
+        msg = "--boot linux: booting the vmlinux through its 64-bit entry (Linux boot protocol)"
     else:
-        plan = plan_linux_elf(elf, path, **args)
         msg = "vmlinux has no PVH entry: booting through its 64-bit entry (Linux boot protocol)"
     return PreparedBoot(plan, msg, img)
 
@@ -139,11 +146,11 @@ def _extract(path: str, use_cache: bool):
 def _prepare_bzimage(
     img: KernelImage, path: str, boot: str, use_cache: bool, args: dict
 ) -> PreparedBoot:
-    from .linux import check_64bit_entry, plan_linux_bzimage
-
     bz = img.bzimage
     what = _describe_bz(img)
     if boot == "linux":
+        from .linux import check_64bit_entry, plan_linux_bzimage
+
         # Fail on an old header before anything else is looked at.
         check_64bit_entry(bz)
         plan = plan_linux_bzimage(bz, path, **args)
@@ -161,6 +168,8 @@ def _prepare_bzimage(
             ) from None
         # auto: the payload is unreadable to us, but the kernel may still
         # decompress itself; say why we did not take PVH.
+        from .linux import plan_linux_bzimage
+
         plan = plan_linux_bzimage(bz, path, **args)
         reason = str(exc).split(": ", 1)[-1]
         return PreparedBoot(
@@ -183,6 +192,8 @@ def _prepare_bzimage(
         )
     if boot == "pvh":
         raise BootError(f"--boot pvh: {what} ({path}) has no PVH entry: {_NO_PVH_HINT}")
+    from .linux import plan_linux_bzimage
+
     plan = plan_linux_bzimage(bz, path, **args)
     return PreparedBoot(
         plan, f"{what} has no PVH entry: booting through the Linux 64-bit boot protocol", img
@@ -193,8 +204,6 @@ def _prepare_compressed_elf(
     img: KernelImage, path: str, boot: str, use_cache: bool, args: dict
 ) -> PreparedBoot:
     """A gzip/xz/zstd-wrapped vmlinux: extract it once (cached), then as an ELF."""
-    from .linux import plan_linux_elf
-
     elf, cached = _extract(path, use_cache)
     img.elf = elf
     img.pvh_capable = elf.pvh_entry is not None
@@ -207,6 +216,8 @@ def _prepare_compressed_elf(
         return PreparedBoot(plan, f"{what} has a PVH entry: booting it through PVH ({how})", img)
     if boot == "pvh":
         raise BootError(f"--boot pvh: {what} {path} has no PVH entry: {_NO_PVH_HINT}")
+    from .linux import plan_linux_elf
+
     plan = plan_linux_elf(elf, cached.path, **args)
     prefix = "--boot linux: " if boot == "linux" else f"{what} has no PVH entry: "
     return PreparedBoot(

@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pvhtest import requires_kvm, run_cli  # noqa: F401  (re-exported for the tests)
+
 HERE = Path(__file__).resolve().parent
 SECTOR = 512
 SETUP_SECTS = 4  # real-mode setup: boot sector + 4 sectors
@@ -94,24 +96,6 @@ def small_elf_without_pvh() -> bytes:
 
 
 
-def _root_conftest():
-    """tests/conftest.py as a module (shared name with the other directories' helpers)."""
-    import importlib.util
-    import sys
-
-    name = "_pvhboot_tests_root_conftest"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, HERE.parent.parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-requires_kvm = _root.requires_kvm
-run_cli = _root.run_cli
 
 
 def assemble_probe(out: Path) -> bytes:
