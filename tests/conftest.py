@@ -8,6 +8,7 @@ import pytest
 from pvhtest import (  # noqa: F401  (re-exported for older imports)
     HAVE_GUEST_USERSPACE,
     HAVE_KVM,
+    KVM_PATH,
     ROOT,
     SCRIPTS,
     KernelFiles,

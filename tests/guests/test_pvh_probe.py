@@ -130,7 +130,6 @@ def test_pvh_probe_detects_wrong_values(probe_builder, tmp_path):
 def test_pvh_probe_detects_wrong_cpu_state(probe_builder):
     """The CPU-state checks can fail too: the same plan with EFLAGS, CR0 and
     the GDT's TSS descriptor altered must be reported field by field."""
-    import dataclasses
     import struct
 
     from pvhboot import Machine
@@ -138,13 +137,13 @@ def test_pvh_probe_detects_wrong_cpu_state(probe_builder):
     probe = probe_builder(cmdline="", memmap=MEMMAP_128M, module=None)
     machine = Machine(kernel=probe, memory="128M", boot="pvh", timeout=120, host_quirks=False)
     plan = machine.plan()
-    plan.cpu = dataclasses.replace(plan.cpu, rflags=0x46, cr0=plan.cpu.cr0 | 0x20)
+    plan.cpu = plan.cpu.replace(rflags=0x46, cr0=plan.cpu.cr0 | 0x20)
     (gdt,) = [c for c in plan.chunks if c.addr == plan.cpu.gdt_base]
     table = bytearray(gdt.source)
     tss_slot = plan.cpu.tr.selector & ~7
     (desc,) = struct.unpack_from("<Q", table, tss_slot)
     struct.pack_into("<Q", table, tss_slot, desc & ~(0xF << 40) | 0x9 << 40)  # "available"
-    plan.chunks[plan.chunks.index(gdt)] = dataclasses.replace(gdt, source=bytes(table))
+    plan.chunks[plan.chunks.index(gdt)] = gdt.replace(source=bytes(table))
     result = machine.run_plan(plan)
     assert "PROBE FAIL CR0" in result.console, result.console
     assert "PROBE FAIL EFLAGS: got 0x46 expected 0x2" in result.console
