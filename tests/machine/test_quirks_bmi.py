@@ -283,3 +283,39 @@ def test_movbe_load_and_store(mem):
     vcpu, hq = run(mem, code, rbx=DATA, rcx=0x1122_3344_5566_7788)
     assert mem.read(DATA, 8) == bytes.fromhex("1122334455667788")
     assert vcpu.regs.rflags == FLAGS_IN and hq.counts == {"movbe": 1}
+
+
+def test_shrx_in_32bit_protected_mode_uses_ds_base():
+    with GuestMemory(4 << 20) as m:
+        code, ds_base = 0x2000, 0x10_0000
+        m.write(code, SHRX_EAX_MEM)  # shrx eax, dword ptr [ecx], esi
+        m.write(ds_base + 0x40, struct.pack("<I", 0x8000_0000))
+        regs = kvm_regs()
+        regs.rip, regs.rcx, regs.rsi, regs.rflags = code, 0x40, 31, 0x202
+        s = kvm_sregs()
+        s.cr0 = 1  # protected mode, paging off: linear = physical
+        s.cs.selector, s.cs.db, s.cs.present = 0x10, 1, 1
+        s.ds.base = ds_base
+        vcpu = FakeVcpu(regs, s)
+        hq = HostQuirks(True, pvm_host=True)
+        assert hq.handle_internal_error(vcpu, m)
+        assert vcpu.regs.rax == 1 and vcpu.regs.rip == code + len(SHRX_EAX_MEM)
+
+
+def test_decoded_plan_is_reused_only_for_the_same_bytes(mem):
+    shrx_rip = bytes.fromhex("c4e2f3f70501000000")  # shrx rax, qword ptr [rip+1], rcx
+    hq = HostQuirks(True, pvm_host=True)
+    for where, tail in ((CODE, b"\x90"), (CODE, b"\xcc"), (CODE + 0x100, b"\x90")):
+        # RIP-relative: the operand follows the RIP of each execution.
+        mem.write(where, shrx_rip + tail)
+        mem.write(where + len(shrx_rip) + 1, struct.pack("<Q", where << 4))
+        vcpu = vcpu_with(mem, b"", rcx=4)
+        vcpu.regs.rip = where
+        assert hq.handle_internal_error(vcpu, mem)
+        assert vcpu.regs.rax == where and vcpu.regs.rip == where + len(shrx_rip)
+    assert hq.counts == {"shrx": 3} and len(hq._plans) == 2
+    # New bytes at a known address are decoded afresh, not run as the old plan.
+    mem.write(CODE, SHLX_RAX)
+    vcpu = vcpu_with(mem, b"", rbx=1, rcx=4)
+    assert hq.handle_internal_error(vcpu, mem)
+    assert vcpu.regs.rax == 16 and hq.counts == {"shrx": 3, "shlx": 1}

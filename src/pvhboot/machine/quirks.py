@@ -93,9 +93,6 @@ BIT_INSNS = frozenset({
 })
 
 
-_UNDECODED = object()  # a plan-cache miss
-
-
 def is_pvm_host() -> bool:
     """True on a KVM PVM host; PVHBOOT_FORCE_PVM_QUIRKS=0/1 overrides the detection."""
     forced = os.environ.get(FORCE_ENV)
@@ -109,8 +106,9 @@ class HostQuirks:
         self.enabled = enabled
         self.pvm_host = is_pvm_host() if pvm_host is None else pvm_host
         self.counts: dict[str, int] = {}  # handled instructions per kind
-        # (code bits, instruction bytes) -> _BitPlan, or None for anything else
-        self._plans: dict[tuple[int, bytes], _BitPlan | None] = {}
+        # (code bits, RIP) -> (the instruction's bytes, its _BitPlan or None for
+        # anything else); used only while the bytes at RIP are still the same.
+        self._plans: dict[tuple[int, int], tuple[bytes, _BitPlan | None]] = {}
 
     @property
     def active(self) -> bool:
@@ -153,10 +151,12 @@ class HostQuirks:
             code = diagnose.fetch_code(mem, sregs, regs.rip)
         except GuestError:
             return None
-        key = (bits, code)
-        plan = self._plans.get(key, _UNDECODED)
+        key = (bits, regs.rip)
+        cached = self._plans.get(key)
         insn = None
-        if plan is _UNDECODED:
+        if cached is not None and code.startswith(cached[0]):
+            plan = cached[1]
+        else:
             insn = diagnose.disassemble(code, regs.rip, bits, detail=True)
             if insn is None:
                 return None
@@ -168,7 +168,7 @@ class HostQuirks:
                     return None
             if len(self._plans) >= PLAN_CACHE_MAX:
                 self._plans.clear()
-            self._plans[key] = plan
+            self._plans[key] = (code[: insn.size], plan)
         try:
             if plan is not None:
                 kind = plan.kind
@@ -288,7 +288,7 @@ def _reg(regs, name: str) -> int:
 #   ("m", base, base_mask, index, index_mask, scale, disp, segment, addr_mask, size)
 # where base is a kvm_regs field, "rip" or None; index a field or None;
 # segment "fs"/"gs"/"ds"/"ss"/... or None.
-PLAN_CACHE_MAX = 4096  # distinct instruction byte strings kept decoded
+PLAN_CACHE_MAX = 4096  # instructions kept decoded (by address)
 
 
 class _BitPlan:
