@@ -319,3 +319,28 @@ def test_decoded_plan_is_reused_only_for_the_same_bytes(mem):
     vcpu = vcpu_with(mem, b"", rbx=1, rcx=4)
     assert hq.handle_internal_error(vcpu, mem)
     assert vcpu.regs.rax == 16 and hq.counts == {"shrx": 3, "shlx": 1}
+
+
+def test_sync_regs_area_replaces_the_register_ioctls(mem):
+    from pvhboot.kvm.structs import kvm_run
+
+    vcpu = vcpu_with(mem, SHLX_RAX, rbx=3, rcx=2)
+    vcpu.kvm_run = run = kvm_run()
+    hq = HostQuirks(True, pvm_host=True)
+    # First failure: the ioctls, and KVM is asked to sync regs/sregs from now on.
+    assert hq.handle_internal_error(vcpu, mem)
+    assert vcpu.regs.rax == 12 and vcpu.calls == ["set_regs"]
+    assert run.kvm_valid_regs == q.KVM_SYNC_X86_REGS | q.KVM_SYNC_X86_SREGS
+    assert run.kvm_dirty_regs == 0
+    # Next exit: KVM stored the registers in kvm_run.s (struct kvm_sync_regs).
+    base = ctypes.addressof(run) + kvm_run.s.offset
+    regs = kvm_regs.from_address(base)
+    ctypes.pointer(regs)[0] = vcpu.regs
+    regs.rip, regs.rbx, regs.rcx = CODE, 5, 64 + 1
+    ctypes.pointer(kvm_sregs.from_address(base + ctypes.sizeof(kvm_regs)))[0] = vcpu.sregs
+    vcpu.calls.clear()
+    assert hq.handle_internal_error(vcpu, mem)
+    assert vcpu.calls == []  # no get/set ioctls
+    assert regs.rax == 10 and regs.rip == CODE + len(SHLX_RAX)
+    assert run.kvm_dirty_regs == q.KVM_SYNC_X86_REGS  # KVM loads them on KVM_RUN
+    assert hq.counts == {"shlx": 2}
