@@ -326,6 +326,7 @@ def test_sync_regs_area_replaces_the_register_ioctls(mem):
 
     vcpu = vcpu_with(mem, SHLX_RAX, rbx=3, rcx=2)
     vcpu.kvm_run = run = kvm_run()
+    vcpu.vm = FakeVm(offered=q.KVM_SYNC_X86_REGS | q.KVM_SYNC_X86_SREGS | 4)
     hq = HostQuirks(True, pvm_host=True)
     # First failure: the ioctls, and KVM is asked to sync regs/sregs from now on.
     assert hq.handle_internal_error(vcpu, mem)
@@ -344,3 +345,26 @@ def test_sync_regs_area_replaces_the_register_ioctls(mem):
     assert regs.rax == 10 and regs.rip == CODE + len(SHLX_RAX)
     assert run.kvm_dirty_regs == q.KVM_SYNC_X86_REGS  # KVM loads them on KVM_RUN
     assert hq.counts == {"shlx": 2}
+
+
+class FakeVm:
+    def __init__(self, offered: int) -> None:
+        self.offered = offered
+
+    def check_extension(self, cap: int) -> int:
+        assert cap == q.KVM_CAP_SYNC_REGS
+        return self.offered
+
+
+def test_no_sync_regs_where_kvm_does_not_offer_them(mem):
+    from pvhboot.kvm.structs import kvm_run
+
+    vcpu = vcpu_with(mem, SHLX_RAX, rbx=3, rcx=2)
+    vcpu.kvm_run = run = kvm_run()
+    vcpu.vm = FakeVm(offered=0)
+    hq = HostQuirks(True, pvm_host=True)
+    for _ in range(2):
+        vcpu.regs.rip = CODE
+        assert hq.handle_internal_error(vcpu, mem)
+        assert vcpu.regs.rax == 12
+    assert run.kvm_valid_regs == 0 and vcpu.calls == ["set_regs", "set_regs"]

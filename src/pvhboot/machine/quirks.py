@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..errors import GuestError
+from ..errors import GuestError, KvmError
 from . import diagnose
 from .pagewalk import read_linear, write_linear
 
@@ -109,6 +109,9 @@ class HostQuirks:
         # (code bits, RIP) -> (the instruction's bytes, its _BitPlan or None for
         # anything else); used only while the bytes at RIP are still the same.
         self._plans: dict[tuple[int, int], tuple[bytes, _BitPlan | None]] = {}
+        # Registers through kvm_run's sync area: None until the first failure
+        # decides it (on, when KVM offers KVM_CAP_SYNC_REGS), then True/False.
+        self._sync_regs: bool | None = None
 
     @property
     def active(self) -> bool:
@@ -144,7 +147,9 @@ class HostQuirks:
         """Finish the instruction KVM could not; a short description, or None if not ours."""
         if not self.active:
             return None
-        synced = _SyncedRegs.attach(vcpu)
+        synced = _SyncedRegs.attach(vcpu) if self._sync_regs else None
+        if synced is None and self._sync_regs is None:
+            self._sync_regs = _SyncedRegs.enable(vcpu)
         if synced is not None:
             vcpu = synced
             regs, sregs = synced.regs, synced.sregs
@@ -247,6 +252,7 @@ class HostQuirks:
 # the next KVM_RUN. A zstd decompressor brings about 1.5 million BMI2 exits
 # per boot; reading regs and sregs there instead of three ioctls per exit
 # (KVM_GET_REGS, KVM_GET_SREGS, KVM_SET_REGS) saves tens of seconds.
+KVM_CAP_SYNC_REGS = 74  # <linux/kvm.h>; KVM_CHECK_EXTENSION returns the classes
 KVM_SYNC_X86_REGS = 1 << 0  # <asm/kvm.h>
 KVM_SYNC_X86_SREGS = 1 << 1
 SYNC_WANTED = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
@@ -258,20 +264,34 @@ class _SyncedRegs:
     ``regs``/``sregs`` are views of that area, valid because KVM stored them at
     this exit. set_regs marks the registers dirty instead of an ioctl; every
     other call goes to the vCPU. The first emulation failure of a run turns
-    the syncing on (returning None: that exit uses the ioctls).
+    the syncing on (HostQuirks._sync_regs; that exit still uses the ioctls).
     """
 
     def __init__(self, vcpu, run, regs, sregs) -> None:
         self._vcpu, self._run = vcpu, run
         self.regs, self.sregs = regs, sregs
 
+    @staticmethod
+    def enable(vcpu) -> bool:
+        """Ask KVM to sync regs/sregs from the next exit on; False where it cannot."""
+        run = getattr(vcpu, "kvm_run", None)
+        vm = getattr(vcpu, "vm", None)
+        if run is None or not hasattr(run, "kvm_valid_regs") or vm is None:
+            return False
+        try:
+            offered = vm.check_extension(KVM_CAP_SYNC_REGS)
+        except (KvmError, OSError):
+            return False
+        if offered & SYNC_WANTED != SYNC_WANTED:
+            return False
+        run.kvm_valid_regs |= SYNC_WANTED
+        return True
+
     @classmethod
     def attach(cls, vcpu):
+        """The synced view for this exit, or None if KVM did not sync this vCPU."""
         run = getattr(vcpu, "kvm_run", None)
-        if run is None or not hasattr(run, "kvm_valid_regs"):
-            return None
-        if run.kvm_valid_regs & SYNC_WANTED != SYNC_WANTED:
-            run.kvm_valid_regs |= SYNC_WANTED
+        if run is None or run.kvm_valid_regs & SYNC_WANTED != SYNC_WANTED:
             return None
         import ctypes
 
