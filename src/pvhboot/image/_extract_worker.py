@@ -1,9 +1,10 @@
 """Child entry for decompressing an untrusted payload in a fresh interpreter.
 
-``python -m pvhboot.image._extract_worker IMAGE CODEC START LENGTH OUT AS CPU``
+``python -m pvhboot.image._extract_worker IMAGE CODEC START LENGTH OUT EXTRA_AS CPU``
 
 Used by :mod:`pvhboot.image.vmlinux_cache` when the parent has threads (where
-``fork`` is unsafe). It sets its own limits first, streams
+``fork`` is unsafe). It sets its own limits first (an address space of its own baseline plus
+EXTRA_AS bytes, the same rule as a forked child), streams
 IMAGE[START:START+LENGTH] through CODEC into OUT (an existing file, which it
 truncates), and exits 0; on failure it prints ``codec|image<TAB>message`` on
 stderr and exits 3.
@@ -16,11 +17,19 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-    from .vmlinux_cache import _CHILD_REPORTED, _child_message, apply_limits, run_child
+    from .vmlinux_cache import (
+        _CHILD_REPORTED,
+        _address_space_now,
+        _child_message,
+        apply_limits,
+        run_child,
+    )
 
     try:
-        image, codec, start, length, out, address_space, cpu = argv
-        apply_limits(int(address_space), int(cpu))
+        image, codec, start, length, out, extra_address_space, cpu = argv
+        # Measured here, not in the parent: the parent's size (a test runner,
+        # a threaded application) says nothing about what this interpreter needs.
+        apply_limits(_address_space_now() + int(extra_address_space), int(cpu))
         import mmap
 
         with open(image, "rb") as f:

@@ -572,10 +572,9 @@ def _run_worker(path, codec, start, length, tmp, what) -> None:
     import subprocess
     import sys
 
-    address_space, cpu = child_limits()
-    # A fresh interpreter needs far less than this process may have mapped;
-    # its own baseline plus the decoders' share is enough.
-    address_space = min(address_space, (256 << 20) + CHILD_EXTRA_MEMORY)
+    _, cpu = child_limits()
+    # The worker limits itself to its own baseline plus the decoders' share,
+    # as a forked child is limited to the parent's baseline plus that share.
     cmd = [
         sys.executable,
         "-m",
@@ -585,7 +584,7 @@ def _run_worker(path, codec, start, length, tmp, what) -> None:
         str(start),
         str(length),
         tmp,
-        str(address_space),
+        str(CHILD_EXTRA_MEMORY),
         str(cpu),
     ]
     try:
