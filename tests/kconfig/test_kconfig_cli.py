@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from pvhtest import run_cli
 
 CACHE = Path(os.environ.get("PVHBOOT_CACHE", Path.home() / ".cache" / "pvhboot"))
 LINUX_SRC = CACHE / "linux-source" / "linux-source-6.1"

@@ -17,7 +17,7 @@ import re
 
 import pytest
 
-from conftest import requires_kvm
+from pvhtest import requires_kvm
 
 pytestmark = [pytest.mark.kernel, requires_kvm]
 

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from conftest import requires_kvm, run_cli
+from pvhtest import requires_kvm, run_cli
 
 pytestmark = [pytest.mark.kernel, requires_kvm]
 

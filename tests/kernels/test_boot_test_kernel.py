@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from conftest import INIT_DONE, INIT_HELLO, requires_guest_userspace, requires_kvm
+from conftest import INIT_DONE, INIT_HELLO  # this directory's conftest
+from pvhtest import requires_guest_userspace, requires_kvm
 
 pytestmark = [pytest.mark.kernel, requires_kvm]
 
