@@ -14,11 +14,9 @@ tests/kernels/conftest.py), so it re-exports that file's plain names.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,28 +24,20 @@ import pytest
 _HERE = Path(__file__).resolve().parent
 
 
-def _root_conftest():
-    name = "_pvhboot_tests_root_conftest"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-ROOT = _root.ROOT
-SCRIPTS = _root.SCRIPTS
-KVM_PATH = _root.KVM_PATH
-HAVE_KVM = _root.HAVE_KVM
-HAVE_GUEST_USERSPACE = _root.HAVE_GUEST_USERSPACE
-requires_kvm = _root.requires_kvm
-requires_guest_userspace = _root.requires_guest_userspace
-KernelFiles = _root.KernelFiles
-debian_kernel_files = _root.debian_kernel_files
-run_cli = _root.run_cli
+# The root helpers, re-exported: this file is the module named `conftest`
+# for the tests collected after it.
+from pvhtest import (  # noqa: E402, F401
+    HAVE_GUEST_USERSPACE,
+    HAVE_KVM,
+    KVM_PATH,
+    ROOT,
+    SCRIPTS,
+    KernelFiles,
+    debian_kernel_files,
+    requires_guest_userspace,
+    requires_kvm,
+    run_cli,
+)
 
 # ---------------------------------------------------------------- ELF ----
 

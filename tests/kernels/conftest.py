@@ -10,11 +10,9 @@ whatever pytest imports after it (pytest drops the previous one from
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,33 +23,24 @@ import pytest
 _HERE = Path(__file__).resolve().parent
 
 
-def _root_conftest():
-    name = "_pvhboot_tests_root_conftest"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, _HERE.parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
+# The root helpers, re-exported: this file is the module named `conftest`
+# for the tests collected after it.
+from pvhtest import (  # noqa: E402, F401
+    HAVE_GUEST_USERSPACE,
+    HAVE_KVM,
+    KVM_PATH,
+    ROOT,
+    SCRIPTS,
+    KernelFiles,
+    debian_kernel_files,
+    requires_guest_userspace,
+    requires_kvm,
+    run_cli,
+)
 
-
-_root = _root_conftest()
-# Plain names only: the fixtures come to this directory through pytest itself.
-ROOT = _root.ROOT
-SCRIPTS = _root.SCRIPTS
-KVM_PATH = _root.KVM_PATH
-HAVE_KVM = _root.HAVE_KVM
-HAVE_GUEST_USERSPACE = _root.HAVE_GUEST_USERSPACE
-requires_kvm = _root.requires_kvm
-requires_guest_userspace = _root.requires_guest_userspace
-KernelFiles = _root.KernelFiles
-debian_kernel_files = _root.debian_kernel_files
-run_cli = _root.run_cli
-test_kernel_files = _root.test_kernel_files
 # A module that imports a `test_*` function gets it collected as a test, so
 # this directory's tests use the `small_kernel` fixture instead.
-_small_kernel_files = _root.test_kernel_files
+from pvhtest import test_kernel_files as _small_kernel_files  # noqa: E402
 
 INIT_SOURCE = _HERE / "init.c"
 # A static, libc-free binary: the initramfs is one file and needs no loader.
