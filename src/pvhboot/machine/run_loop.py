@@ -206,10 +206,17 @@ def _internal_error(run, vcpu, mem, quirks, system_map):
     where = _rip_line(vcpu, system_map)
     hint = ""
     if sub == s.KVM_INTERNAL_ERROR_EMULATION:
-        hint = (
-            ": hide the CPU feature that uses it on the command line (clearcpuid=...) "
-            "or run on a host with VMX/SVM"
-        )
+        if quirks is None or not getattr(quirks, "active", False):
+            # The quirks layer emulates what the PVM backend is known to lack.
+            hint = (
+                ": on a PVM host leave the host quirks on (no --no-host-quirks), "
+                "or run on a host with VMX/SVM"
+            )
+        else:
+            hint = (
+                ": if the kernel proper runs it, hide its CPU feature with clearcpuid=...; "
+                "otherwise run on a host with VMX/SVM"
+            )
     return Outcome(
         "internal-error",
         STATUS_FAULT,
