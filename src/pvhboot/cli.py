@@ -6,14 +6,15 @@ Each command lives in ``pvhboot.commands.<name>`` and provides
 boot path pays only for what it uses.
 """
 
-import argparse
-import importlib
 import sys
 
 COMMANDS = ("inspect", "extract", "kconfig", "run")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="pvhboot",
         description="Boot and inspect x86-64 Linux kernels through the PVH entry point.",
@@ -37,9 +38,17 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     from .errors import PvhbootError
 
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    args = parser.parse_args(_qemu_aliases(argv))
+    argv = _qemu_aliases(sys.argv[1:] if argv is None else argv)
+    args = None
+    if argv and argv[0] == "run":
+        # The boot path: plain `run` options skip argparse (see fast_parse).
+        from .commands import run as run_command
+
+        args = run_command.fast_parse(argv[1:])
+        if args is not None:
+            args._module = run_command
+    if args is None:
+        args = build_parser().parse_args(argv)
     try:
         status = args._module.run(args)
     except PvhbootError as exc:
