@@ -149,3 +149,117 @@ def test_debian_kernels_match_the_codec_cli(request, cli, codec_cli, tmp_path, f
     got = out.read_bytes()
     assert got[:4] == b"\x7fELF"
     assert len(got) == len(stock) and got == stock
+
+
+# --- OUT must be a regular file (audit: --force replaced device nodes) ----------------
+
+
+def _special_outputs(tmp_path):
+    """name -> a path holding something that is not a regular file."""
+    made = {}
+    dev = tmp_path / "chardev"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # like /dev/null
+        made["chardev"] = dev
+    except (PermissionError, OSError):
+        pass
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    made["fifo"] = fifo
+    made["directory"] = tmp_path / "dir"
+    made["directory"].mkdir()
+    target = tmp_path / "target"
+    target.write_bytes(b"precious")
+    made["symlink"] = tmp_path / "link"
+    made["symlink"].symlink_to(target)
+    made["dangling"] = tmp_path / "dangling"
+    made["dangling"].symlink_to(tmp_path / "nowhere")
+    return made
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_refuses_outputs_that_are_not_regular_files(cli, codec_bzimage, tmp_path, force):
+    data, _ = codec_bzimage("gzip")
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "bz").write_bytes(data)
+    made = _special_outputs(work)
+    before = {name: os.lstat(p) for name, p in made.items()}
+    for name, out in made.items():
+        args = ["extract", tmp_path / "bz", "-o", out] + (["--force"] if force else [])
+        proc = cli(*args)
+        assert_one_line_error(proc, str(out), "not a regular file")
+        st = os.lstat(out)
+        assert (st.st_mode, st.st_ino) == (before[name].st_mode, before[name].st_ino), name
+    assert (work / "target").read_bytes() == b"precious"
+    assert not (work / "nowhere").exists()
+    assert not [p for p in leftovers(work) if p.endswith(".part")]
+    assert sorted(os.listdir(work / "dir")) == []
+
+
+def test_missing_output_directory_names_it(cli, codec_bzimage, tmp_path):
+    data, _ = codec_bzimage("gzip")
+    (tmp_path / "bz").write_bytes(data)
+    missing = tmp_path / "no" / "dir"
+    proc = cli("extract", tmp_path / "bz", "-o", missing / "out")
+    assert_one_line_error(proc, str(missing), "does not exist")
+    assert ".part" not in proc.stderr.decode()
+
+
+# --- what is written must be a valid ELF (audit: garbage was "copied unchanged") -------
+
+
+def _bad_elves(make_elf, make_note):
+    good = make_elf()
+    huge_phoff = make_elf(phoff=1 << 40)
+    bad_class = bytearray(good)
+    bad_class[4] = 9
+    big_endian = bytearray(good)
+    big_endian[5] = 2
+    zero_header = b"\x7fELF" + bytes(len(good) - 4)  # an lz4 payload with zeroed bytes
+    overflowing_note = make_elf(raw_notes=make_note("Xen", 18, b"\0" * 8, descsz=0xFFFFFFF0))
+    return {
+        "magic-only": b"\x7fELF",
+        "bad-class": bytes(bad_class),
+        "big-endian": bytes(big_endian),
+        "huge-phoff": huge_phoff,
+        "zero-header": zero_header,
+        "overflowing-note": overflowing_note,
+    }
+
+
+BAD_ELVES = ["magic-only", "bad-class", "big-endian", "huge-phoff", "zero-header",
+             "overflowing-note"]
+
+
+@pytest.mark.parametrize("which", BAD_ELVES)
+def test_invalid_plain_elf_is_not_copied(cli, make_elf, make_note, tmp_path, which):
+    (tmp_path / "in").write_bytes(_bad_elves(make_elf, make_note)[which])
+    proc = cli("extract", tmp_path / "in", "-o", tmp_path / "out")
+    assert_one_line_error(proc, str(tmp_path / "in"), "not a valid")
+    assert leftovers(tmp_path) == ["in"]
+
+
+@pytest.mark.parametrize("which", BAD_ELVES)
+@pytest.mark.parametrize("codec", ["gzip", "lz4"])
+def test_invalid_decompressed_payload_leaves_nothing(cli, make_elf, make_note, make_bzimage,
+                                                     codec_cli, tmp_path, which, codec):
+    compress, _ = codec_cli
+    elf = _bad_elves(make_elf, make_note)[which]
+    (tmp_path / "bz").write_bytes(make_bzimage(compress(codec, elf)))
+    (tmp_path / "z").write_bytes(compress(codec, elf, size_trailer=False))
+    for src in ("bz", "z"):
+        proc = cli("extract", tmp_path / src, "-o", tmp_path / "out", "--force")
+        assert_one_line_error(proc, str(tmp_path / src),
+                              "the decompressed payload is not a valid ELF")
+        assert leftovers(tmp_path) == ["bz", "z"]
+
+
+def test_invalid_payload_keeps_the_old_output(cli, make_elf, make_bzimage, codec_cli, tmp_path):
+    compress, _ = codec_cli
+    (tmp_path / "bz").write_bytes(make_bzimage(compress("gzip", b"\x7fELF")))
+    (tmp_path / "out").write_bytes(b"old")
+    assert_one_line_error(cli("extract", tmp_path / "bz", "-o", tmp_path / "out", "--force"),
+                          "not a valid ELF")
+    assert (tmp_path / "out").read_bytes() == b"old"
+    assert leftovers(tmp_path) == ["bz", "out"]

@@ -10,6 +10,17 @@ written to a temporary file next to OUT and renamed into place, so OUT is
 either absent, the old file, or complete; the temporary file is removed on
 every error path, Ctrl-C included. Memory stays bounded: the input is an
 mmap and the decoder streams into the file.
+
+What is written is checked with :func:`pvhboot.image.elf.parse_elf` (a plain
+ELF before it is copied, a decompressed payload on the temporary file before
+the rename): a truncated or corrupt ELF is an error, never a successful
+extraction.
+
+OUT must be absent or a regular file. A device node, FIFO, socket, directory
+or symlink is refused with and without --force: --force replaces a file's
+contents, it is no licence to swap a /dev node or a symlink's target for a
+regular file (and a symlink is not followed, so --force never writes through
+it to a place the user did not name).
 """
 
 from __future__ import annotations
@@ -47,10 +58,8 @@ def extract(image: str, out: str, *, force: bool = False) -> dict:
 
     from ..errors import ImageError, PvhbootError
 
-    if not force and os.path.lexists(out):
+    if _check_output(out) and not force:
         raise PvhbootError(f"{out} already exists; pass --force to overwrite it")
-    if os.path.isdir(out):
-        raise PvhbootError(f"{out} is a directory; give the path of the file to write")
     with open(image, "rb") as f:
         try:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -78,12 +87,62 @@ def extract(image: str, out: str, *, force: bool = False) -> dict:
     return {"format": fmt, "codec": codec, "size": size}
 
 
+def _check_output(out: str) -> bool:
+    """True when OUT exists (as a regular file); raise when it exists as anything else."""
+    import stat
+
+    from ..errors import PvhbootError
+
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise PvhbootError(f"cannot check the output {out}: {exc.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        return True
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+    raise PvhbootError(f"{out} is {kind}, not a regular file; refusing to replace it "
+                       "(even with --force): give the path of a file to write")
+
+
+_KINDS = {
+    0o040000: "a directory",
+    0o020000: "a character device",
+    0o060000: "a block device",
+    0o010000: "a FIFO",
+    0o140000: "a socket",
+    0o120000: "a symbolic link",
+}
+
+
+def _elf_problem(data, image: str) -> str | None:
+    """Why ``data`` is not a valid ELF (parse_elf's reason), or None when it is."""
+    from ..errors import ImageError
+    from ..image.elf import parse_elf
+
+    tag = "\0elf"  # a prefix no file name has, stripped from parse_elf's message
+    try:
+        parse_elf(data, what=tag)
+    except ImageError as exc:
+        reason = str(exc)
+        return reason[len(tag) + 2:] if reason.startswith(tag + ": ") else reason
+    except (ValueError, IndexError, OverflowError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def _locate(mm, image: str):
     """(format, codec or None, start, length) of the bytes to decompress or copy."""
     # Only the readers this file needs: a plain ELF is copied without any.
-    if mm[:4] == ELF_MAGIC:
-        return "elf", None, 0, len(mm)
     from ..errors import ImageError
+
+    if mm[:4] == ELF_MAGIC:
+        problem = _elf_problem(mm, image)
+        if problem:
+            raise ImageError(f"{image}: starts like an ELF but is not a valid one: {problem}; "
+                             "nothing was written")
+        return "elf", None, 0, len(mm)
     from ..image.bzimage import is_bzimage, is_pe, parse_bzimage
 
     if is_bzimage(mm):
@@ -123,21 +182,30 @@ def _write_atomically(out: str, force: bool, produce, image: str, codec) -> int:
     from ..errors import ImageError, PvhbootError
 
     directory = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(out) + ".",
-                               suffix=".part")
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise PvhbootError(f"cannot write {out}: the directory {directory} {what}; "
+                           "create it or give another output path")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(out) + ".",
+                                   suffix=".part")
+    except OSError as exc:
+        raise PvhbootError(f"cannot write {out}: creating a file in {directory} failed: "
+                           f"{exc.strerror}") from None
     try:
         with open(fd, "wb", buffering=0, closefd=True) as fobj:
             size = produce(fobj)
-        with open(tmp, "rb") as check:
-            head = check.read(4)
-        if head != ELF_MAGIC:
-            raise ImageError(f"{image}: the {codec or 'copied'} data is not an ELF "
-                             "(no \\x7fELF magic); not a Linux kernel payload")
+            if codec is not None:
+                problem = _mapped_elf_problem(fobj.fileno(), image)
+                if problem:
+                    raise ImageError(f"{image}: the decompressed payload is not a valid ELF: "
+                                     f"{problem}; nothing was written")
         # mkstemp makes the file 0600; give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         if force:
+            _check_output(out)  # OUT may have changed since the first look
             os.replace(tmp, out)
         else:
             # link() fails if OUT appeared meanwhile: never clobber without --force.
@@ -160,3 +228,19 @@ def _write_atomically(out: str, force: bool, produce, image: str, codec) -> int:
         except FileNotFoundError:
             pass
         raise
+
+
+def _mapped_elf_problem(fd: int, image: str) -> str | None:
+    import mmap
+
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except ValueError:
+        return "it is empty"
+    try:
+        return _elf_problem(mm, image)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a traceback still holds a slice; it goes with it
+            pass
