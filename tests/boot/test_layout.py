@@ -136,3 +136,39 @@ def test_fixed_boot_structures_fit_low_ram_without_overlap():
     lay.reserve("page tables", layout.PAGE_TABLES_ADDR, layout.PAGE_TABLES_MAX_SIZE)
     lay.reserve("cmdline", layout.CMDLINE_ADDR, layout.CMDLINE_MAX_SIZE)
     assert all(r.end <= layout.LOW_RAM_END for r in lay.regions)
+
+
+def test_max_guest_memory_matches_machine_memory():
+    assert layout.MAX_GUEST_MEMORY == machine_memory.MAX_MEMORY
+
+
+def test_window_over_mmio_gap_gives_no_memory_advice():
+    # A bzImage init_size window reaching into [3 GiB, 4 GiB): no RAM size moves the gap.
+    lay = Layout(128 * MIB)
+    with pytest.raises(BootError) as exc:
+        lay.reserve("kernel (init_size window)", 16 * MIB, 3 * GIB)
+    msg = str(exc.value)
+    assert "MMIO gap" in msg and "cannot be loaded there" in msg
+    assert "give the guest" not in msg and "--memory " not in msg.replace("whatever --memory", "")
+
+
+def test_region_beyond_largest_guest_gives_no_memory_advice():
+    lay = Layout(128 * MIB)
+    with pytest.raises(BootError) as exc:
+        lay.reserve("kernel segment 0", 16 * MIB, (1 << 64) - 1 - 16 * MIB)
+    assert "give the guest" not in str(exc.value)
+
+
+def test_region_above_4g_advice_is_enough_and_exact():
+    lay = Layout(128 * MIB)
+    with pytest.raises(BootError, match=r"--memory 4097M\)"):
+        lay.reserve("kernel segment 0", 5 * GIB, MIB)
+    # ... and that size really holds it.
+    Layout(4097 * MIB).reserve("kernel segment 0", 5 * GIB, MIB)
+
+
+def test_memory_needed():
+    assert layout.memory_needed(24 * MIB) == 24 * MIB
+    assert layout.memory_needed(3 * GIB + 1) is None
+    assert layout.memory_needed(layout.MAX_GUEST_MEMORY + GIB) == layout.MAX_GUEST_MEMORY
+    assert layout.memory_needed(layout.MAX_GUEST_MEMORY + GIB + 1) is None

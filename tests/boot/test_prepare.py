@@ -273,3 +273,64 @@ def test_pvh_and_linux64_share_one_memory_map(tmp_path):
         linux = prepare_boot(k, memory_size=size, boot="linux").plan
         assert pvh.memory_map == linux.memory_map
         assert e820_from_params(zero_page_of(linux)) == pvh.memory_map
+
+
+def _patched_elf(*, pvh: bool, machine: int | None = None, memsz: int | None = None,
+                 paddr: int | None = None, entry: int = 0x1000000) -> bytes:
+    data = bytearray(make_elf(pvh=pvh, entry=entry))
+    if machine is not None:
+        struct.pack_into("<H", data, 18, machine)  # e_machine
+    if paddr is not None:
+        struct.pack_into("<Q", data, 64 + 24, paddr)  # phdr 0 p_paddr
+    if memsz is not None:
+        struct.pack_into("<Q", data, 64 + 40, memsz)  # phdr 0 p_memsz
+    return bytes(data)
+
+
+@pytest.mark.parametrize("pvh", [True, False])
+def test_foreign_machine_elf_is_refused(tmp_path, pvh):
+    k = _write(tmp_path, "vmlinux", _patched_elf(pvh=pvh, machine=40))
+    with pytest.raises(BootError, match=r"machine 40 \(ARM\)") as exc:
+        prepare_boot(k)
+    assert "\n" not in str(exc.value)
+
+
+def test_pvh_entry_outside_segments_is_refused(tmp_path):
+    data = bytearray(make_elf(pvh=True))
+    data[-4:] = struct.pack("<I", 0x8000000)  # the PVH note's entry, far from the PT_LOAD
+    k = _write(tmp_path, "vmlinux", bytes(data))
+    with pytest.raises(BootError, match="outside every loadable segment"):
+        prepare_boot(k)
+
+
+def test_e_entry_outside_segments_is_refused(tmp_path):
+    k = _write(tmp_path, "vmlinux", _patched_elf(pvh=False, entry=0x8000000))
+    with pytest.raises(BootError, match="not inside any PT_LOAD"):
+        prepare_boot(k)
+
+
+@pytest.mark.parametrize("pvh", [True, False])
+def test_absurd_memsz_gives_no_memory_advice(tmp_path, pvh):
+    k = _write(tmp_path, "vmlinux", _patched_elf(pvh=pvh, memsz=(1 << 64) - 1))
+    with pytest.raises(BootError) as exc:
+        prepare_boot(k)
+    msg = str(exc.value)
+    assert "can never be loaded" in msg and "give the guest" not in msg
+
+
+def test_kernel_beyond_ram_gets_advice_that_works(tmp_path):
+    k = _write(tmp_path, "vmlinux", _patched_elf(pvh=True, memsz=200 * MIB))
+    with pytest.raises(BootError, match=r"--memory 216M\)"):
+        prepare_boot(k, memory_size=128 * MIB)
+    assert prepare_boot(k, memory_size=216 * MIB).plan is not None
+
+
+def test_no_cache_prepared_boot_exposes_the_temporary(tmp_path, cache_dir):
+    k = _write(tmp_path, "bzImage", make_bzimage(make_elf(pvh=True)))
+    prepared = prepare_boot(k, use_cache=False)
+    assert prepared.vmlinux is not None and prepared.vmlinux.temporary
+    import os
+
+    assert os.path.exists(prepared.vmlinux.path)
+    prepared.vmlinux.cleanup()
+    assert not os.path.exists(prepared.vmlinux.path)

@@ -46,6 +46,10 @@ HIGH_RAM_START = 1 * MIB  # 0x100000, "extended memory"
 # Must equal machine/memory.py DEFAULT_MMIO_GAP_START, which backs RAM the same way.
 MMIO_GAP_START = 3 * GIB
 MMIO_GAP_END = FOUR_GIB
+# The largest guest RAM pvhboot accepts; must equal machine/memory.py
+# MAX_MEMORY (boot/ may not import machine/; a test checks they agree).
+# Advice to use more --memory is only given when this much would do.
+MAX_GUEST_MEMORY = 1 << 40
 
 # --- Fixed addresses of the boot structures (all below LOW_RAM_END) ----------
 BOOT_GDT_ADDR = 0x1000
@@ -120,6 +124,50 @@ def memory_map(memory_size: int) -> list[MemoryRange]:
     if memory_size > MMIO_GAP_START:
         ranges.append(MemoryRange(MMIO_GAP_END, memory_size - MMIO_GAP_START, E820_RAM))
     return ranges
+
+
+def memory_needed(end: int) -> int | None:
+    """The smallest --memory (whole MiB) whose RAM reaches up to ``end``, or None.
+
+    RAM below the gap ends at min(size, 3 GiB); above it, RAM runs from 4 GiB
+    for (size - 3 GiB), so reaching ``end`` > 4 GiB takes end - 1 GiB. None
+    when no size up to MAX_GUEST_MEMORY would do (``end`` falls inside the
+    MMIO gap, or beyond what the largest guest has).
+    """
+    if end <= MMIO_GAP_START:
+        need = end
+    elif end <= MMIO_GAP_END:
+        return None  # ends inside the gap: that part is never RAM
+    else:
+        need = end - (MMIO_GAP_END - MMIO_GAP_START)
+    need = align_up(max(need, 2 * MIB), MIB)
+    return need if need <= MAX_GUEST_MEMORY else None
+
+
+def check_region_possible(name: str, addr: int, size: int) -> None:
+    """BootError when [addr, addr+size) can be RAM with no --memory at all.
+
+    Such a region (the kernel's, from its own headers) overlaps the ISA hole
+    or the 32-bit MMIO gap, or ends beyond the largest guest: more RAM cannot
+    help, so the error says the region itself is impossible.
+    """
+    end = addr + size
+    where = ""
+    if addr < HIGH_RAM_START and end > ISA_HOLE_START:
+        where = f"it overlaps the ISA hole {fmt_range(ISA_HOLE_START, HIGH_RAM_START - ISA_HOLE_START)}"
+    elif addr < MMIO_GAP_END and end > MMIO_GAP_START:
+        gap = fmt_range(MMIO_GAP_START, MMIO_GAP_END - MMIO_GAP_START)
+        where = f"it overlaps the 32-bit MMIO gap {gap}, which is never RAM"
+    elif memory_needed(end) is None:
+        where = (
+            f"it ends beyond the RAM of the largest guest ({fmt_size(MAX_GUEST_MEMORY)}, "
+            f"RAM up to {MAX_GUEST_MEMORY + MMIO_GAP_END - MMIO_GAP_START:#x})"
+        )
+    if where:
+        raise BootError(
+            f"{name} at {fmt_range(addr, size)} ({fmt_size(size)}) can never be loaded: {where}; "
+            "no --memory helps: the image's headers ask for an impossible address"
+        )
 
 
 class Region:
@@ -209,13 +257,16 @@ class Layout:
         if self.ram_range_of(addr, size) is None:
             hint = ""
             ram_end = max(r.end for r in self.ram)
-            if addr + size > ram_end and addr >= HIGH_RAM_START:
-                need = align_up(addr + size, MIB)
-                if need > MMIO_GAP_START:
-                    need += MMIO_GAP_END - MMIO_GAP_START
+            need = memory_needed(addr + size)
+            possible = True
+            try:
+                check_region_possible(name, addr, size)
+            except BootError:
+                possible = False
+            if possible and need is not None and addr + size > ram_end and need > self.memory_size:
                 hint = f": give the guest at least {need // MIB}M (--memory {need // MIB}M)"
-            elif addr + size > ram_end or addr < HIGH_RAM_START:
-                hint = ": it cannot be loaded there"
+            else:
+                hint = ": it cannot be loaded there, whatever --memory is"
             raise BootError(
                 f"{name} at {fmt_range(addr, size)} ({fmt_size(size)}) does not fit in guest RAM: "
                 f"{self._where_not_ram(addr, size)}{hint}"

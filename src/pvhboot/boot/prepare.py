@@ -41,14 +41,24 @@ _NO_PVH_HINT = (
 
 class PreparedBoot(Record):
     """What prepare_boot chose: the plan, the one stderr line saying which
-    path and why, and the image as read."""
+    path and why, and the image as read.
 
-    __slots__ = ("plan", "message", "image")
+    ``vmlinux``: the image.vmlinux_cache.CachedVmlinux the plan maps kernel
+    segments from, when the kernel was extracted (else None). With
+    use_cache=False it is a private temporary: the VMM calls its cleanup()
+    as soon as guest memory has mapped the segments (a MAP_PRIVATE mapping
+    keeps the unlinked file's data), so a killed run leaves nothing behind.
+    """
 
-    def __init__(self, plan: BootPlan, message: str, image: KernelImage) -> None:
+    __slots__ = ("plan", "message", "image", "vmlinux")
+
+    def __init__(
+        self, plan: BootPlan, message: str, image: KernelImage, vmlinux=None
+    ) -> None:
         self.plan = plan
         self.message = message
         self.image = image
+        self.vmlinux = vmlinux
 
 
 def _check_file(path: str, what: str) -> str:
@@ -63,6 +73,51 @@ def _check_file(path: str, what: str) -> str:
     if not os.access(path, os.R_OK):
         raise BootError(f"cannot read the {what} {path}: permission denied")
     return path
+
+
+# ELF e_machine values a PC guest can run (System V gABI, "e_machine").
+EM_386 = 3
+EM_X86_64 = 62
+_MACHINE_NAMES = {
+    2: "SPARC", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390", 40: "ARM",
+    50: "IA-64", 183: "AArch64", 243: "RISC-V", 258: "LoongArch",
+}
+PT_LOAD = 1
+
+
+def _check_elf(elf, path: str, memory_size: int) -> None:
+    """Refuse an ELF no x86 guest can run, or whose segments no --memory can hold.
+
+    The planners check their own entry point against the segments; this runs
+    first so that a foreign ELF is named as such, and so that the advice for
+    a kernel beyond RAM only suggests a --memory that exists and would work.
+    """
+    from . import layout
+
+    if elf.machine not in (EM_386, EM_X86_64):
+        name = _MACHINE_NAMES.get(elf.machine, "not x86")
+        raise BootError(
+            f"{path} is an ELF for machine {elf.machine} ({name}), not x86-64 or i386: "
+            "give an x86 kernel"
+        )
+    loads = [seg for seg in elf.segments if seg.type == PT_LOAD and seg.memsz > 0]
+    for i, seg in enumerate(loads):
+        layout.check_region_possible(f"{path}: kernel segment {i}", seg.paddr, seg.memsz)
+    if not loads:
+        return
+    start = min(seg.paddr for seg in loads)
+    end = max(seg.paddr + seg.memsz for seg in loads)
+    layout.check_region_possible(f"{path}: the kernel", start, end - start)
+    ram_end = max(r.end for r in layout.memory_map(memory_size) if r.type == layout.E820_RAM)
+    if end > ram_end:
+        need = layout.memory_needed(end)
+        if need is None:  # unreachable after check_region_possible; kept for safety
+            raise BootError(f"{path}: the kernel's segments end at {end:#x}: no guest has RAM there")
+        raise BootError(
+            f"kernel does not fit: its segments span {layout.fmt_range(start, end - start)} but "
+            f"guest RAM ends at {ram_end:#x} ({layout.fmt_size(memory_size)}): give the guest "
+            f"at least {need // layout.MIB}M (--memory {need // layout.MIB}M)"
+        )
 
 
 def _describe_bz(img: KernelImage) -> str:
@@ -115,6 +170,7 @@ def _prepare_elf(img: KernelImage, path: str, boot: str, args: dict) -> Prepared
     # Import only the planner the chosen path needs: a PVH boot never loads
     # linux.py and its zero-page and page-table modules.
     elf = img.elf
+    _check_elf(elf, path, args["memory_size"])
     if boot != "linux" and elf.pvh_entry is not None:
         from .pvh import plan_pvh
 
@@ -183,12 +239,17 @@ def _prepare_bzimage(
     img.pvh_capable = elf.pvh_entry is not None
     img.entry_points.pvh = elf.pvh_entry
     if elf.pvh_entry is not None:
+        _check_elf(elf, cached.path, args["memory_size"])
+    if elf.pvh_entry is not None:
         from .pvh import plan_pvh
 
         plan = plan_pvh(elf, cached.path, **args)
         how = "cached" if cached.hit else "extracted now"
         return PreparedBoot(
-            plan, f"{what} has a PVH entry: booting the extracted vmlinux through PVH ({how})", img
+            plan,
+            f"{what} has a PVH entry: booting the extracted vmlinux through PVH ({how})",
+            img,
+            cached,
         )
     if boot == "pvh":
         raise BootError(f"--boot pvh: {what} ({path}) has no PVH entry: {_NO_PVH_HINT}")
@@ -207,13 +268,16 @@ def _prepare_compressed_elf(
     elf, cached = _extract(path, use_cache)
     img.elf = elf
     img.pvh_capable = elf.pvh_entry is not None
+    _check_elf(elf, path, args["memory_size"])
     how = "cached" if cached.hit else "extracted now"
     what = f"{img.compression}-compressed vmlinux" if img.compression else "compressed vmlinux"
     if boot != "linux" and elf.pvh_entry is not None:
         from .pvh import plan_pvh
 
         plan = plan_pvh(elf, cached.path, **args)
-        return PreparedBoot(plan, f"{what} has a PVH entry: booting it through PVH ({how})", img)
+        return PreparedBoot(
+            plan, f"{what} has a PVH entry: booting it through PVH ({how})", img, cached
+        )
     if boot == "pvh":
         raise BootError(f"--boot pvh: {what} {path} has no PVH entry: {_NO_PVH_HINT}")
     from .linux import plan_linux_elf
@@ -221,5 +285,8 @@ def _prepare_compressed_elf(
     plan = plan_linux_elf(elf, cached.path, **args)
     prefix = "--boot linux: " if boot == "linux" else f"{what} has no PVH entry: "
     return PreparedBoot(
-        plan, f"{prefix}booting it through its 64-bit entry (Linux boot protocol, {how})", img
+        plan,
+        f"{prefix}booting it through its 64-bit entry (Linux boot protocol, {how})",
+        img,
+        cached,
     )
