@@ -157,6 +157,8 @@ def test_corrupt_entry_is_detected_and_rebuilt(tmp_path, cache_dir, elf, damage)
     image.write_bytes(_bzimage(_compress("gzip", elf)))
     first = vc.get_vmlinux(image)
     entry, sidecar = first.path, first.path[: -len(".vmlinux")] + ".json"
+    assert os.stat(entry).st_mode & 0o777 == 0o444  # read-only: stray writes fail
+    os.chmod(entry, 0o644)  # (root may write anyway: the stat identity catches that)
     if damage == "truncate":
         os.truncate(entry, len(elf) // 2)
     elif damage in ("head", "tail", "not-elf"):
@@ -236,7 +238,8 @@ def test_payload_that_is_not_an_elf(tmp_path, cache_dir):
 def test_bomb_beyond_the_limit_fails_cleanly(tmp_path, cache_dir, monkeypatch, codec, child_mode):
     # 96 MiB of zeros compresses to a few KiB; with the output cap lowered to
     # 32 MiB the child must stop and report, and the parent carry on.
-    bomb = _compress(codec, b"\x7fELF" + bytes(96 << 20))
+    head = _fake_elf(4096)[:120]  # a valid ELF header + PT_LOAD, then zeros
+    bomb = _compress(codec, head + bytes((96 << 20) - len(head)))
     image = tmp_path / "bzImage"
     image.write_bytes(_bzimage(bomb))
     if child_mode == "fork":
@@ -252,7 +255,7 @@ def test_bomb_beyond_the_limit_fails_cleanly(tmp_path, cache_dir, monkeypatch, c
         assert not os.listdir(cache_dir)
     else:
         got = vc.get_vmlinux(image, use_cache=False)
-        assert os.path.getsize(got.path) == 4 + (96 << 20)
+        assert os.path.getsize(got.path) == 96 << 20
         got.cleanup()
 
 
@@ -383,3 +386,78 @@ def test_forgotten_temporary_is_removed_at_exit(tmp_path, cache_dir, elf):
                           text=True, check=True)
     path = proc.stdout.strip()
     assert path.endswith(".elf") and not os.path.exists(path)
+
+
+# --- audit: damage in the middle, invalid ELF payloads ---------------------------------
+
+
+@pytest.mark.parametrize("chmod_first", [True, False])
+def test_same_size_damage_in_the_middle_is_rebuilt(tmp_path, cache_dir, elf, chmod_first):
+    import json
+    import time
+
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("gzip", elf)))
+    first = vc.get_vmlinux(image)
+    meta = json.loads(open(first.path[: -len(".vmlinux")] + ".json").read())
+    assert meta["version"] == vc.SIDECAR_VERSION and len(meta["stat"]) == 5
+    # The entry's timestamps come from the kernel's coarse clock: let it tick
+    # so the write below lands on a later one (as any real later write does).
+    time.sleep(0.05)
+    if chmod_first:
+        os.chmod(first.path, 0o644)
+    elif os.geteuid() != 0:
+        with pytest.raises(PermissionError):  # 0444: an accidental write fails
+            open(first.path, "r+b")
+        return
+    with open(first.path, "r+b") as f:  # root writes through 0444
+        f.seek(len(elf) // 2)
+        f.write(b"XXXX")
+    assert os.path.getsize(first.path) == len(elf)
+    before = vc.DECOMPRESSIONS
+    again = vc.get_vmlinux(image)
+    assert not again.hit and again.path == first.path
+    assert vc.DECOMPRESSIONS == before + 1
+    assert open(again.path, "rb").read() == elf
+    assert vc.get_vmlinux(image).hit
+    assert vc.DECOMPRESSIONS == before + 1
+
+
+def _invalid_elves():
+    good = _fake_elf(8192)
+    bad_class = bytearray(good)
+    bad_class[4] = 9
+    big_endian = bytearray(good)
+    big_endian[5] = 2
+    huge_phoff = bytearray(good)
+    struct.pack_into("<Q", huge_phoff, 0x20, 1 << 40)
+    past_end = bytearray(good)
+    struct.pack_into("<Q", past_end, 64 + 32, 1 << 30)  # PT_LOAD filesz beyond the file
+    return {
+        "magic-only": b"\x7fELF",
+        "zero-header": b"\x7fELF" + bytes(8188),
+        "bad-class": bytes(bad_class),
+        "big-endian": bytes(big_endian),
+        "huge-phoff": bytes(huge_phoff),
+        "segment-past-end": bytes(past_end),
+    }
+
+
+@pytest.mark.parametrize("which", sorted(_invalid_elves()))
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_invalid_elf_payload_is_never_stored(tmp_path, cache_dir, monkeypatch, child_mode,
+                                             which, use_cache):
+    import tempfile
+
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    image = tmp_path / "bzImage"
+    image.write_bytes(_bzimage(_compress("gzip", _invalid_elves()[which])))
+    with pytest.raises(ImageError, match="payload is not a valid ELF") as info:
+        vc.get_vmlinux(image, use_cache=use_cache)
+    message = str(info.value)
+    assert message.startswith(f"{image}: ") and "\n" not in message
+    assert str(cache_dir) not in message and str(private_tmp) not in message
+    assert not cache_dir.exists() or not os.listdir(cache_dir)  # no entry, no .part
+    assert not os.listdir(private_tmp)  # no leaked use_cache=False temporary

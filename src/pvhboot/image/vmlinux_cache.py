@@ -14,8 +14,11 @@ running :mod:`pvhboot.image._extract_worker`) with an address-space limit,
 a CPU-time limit and a wall-clock timeout, so a hostile stream costs the
 parent an error message and nothing else. The child writes straight into a
 temporary file in the cache directory; the parent checks its exit status,
-then fsyncs and renames the file into place, so an entry is either complete
-or absent.
+then checks the result with :func:`pvhboot.image.elf.parse_elf`, fsyncs it
+and renames it into place, so an entry is either a complete, valid ELF or
+absent. Entries are made read-only (0444) so that an accidental write fails,
+and the sidecar records the entry's identity (inode, size, mtime, ctime):
+any later write, chmod or replacement changes it, and the entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -39,13 +42,21 @@ CHILD_CPU_SECONDS = 60
 CHILD_TIMEOUT = 120.0
 
 ELF_MAGIC = b"\x7fELF"
-# Sidecar check: the first and last CHECK_SPAN bytes of an entry are hashed.
-# Together with the exact size and the ELF headers being in range, this
-# catches truncated, partial and overwritten entries for the price of two
-# small reads; the entries are written atomically by us, so a full re-hash
-# on every boot would buy little.
+# Sidecar check, on every warm hit, with no hashing of the whole entry
+# (50-70 MB: tens of ms, far over the 5 ms issue 4 allows a warm hit):
+# - the entry's fstat identity (size, mtime_ns, ctime_ns, inode, device) as
+#   it was right after the final rename. Writing the file in place (anywhere,
+#   same size included), chmod-ing it or putting another file there changes
+#   mtime/ctime/inode, and ctime cannot be set back by anyone, so this catches
+#   damage in the middle that the spans below would miss;
+# - the first and last CHECK_SPAN bytes hashed, and the ELF headers in range:
+#   a second net for a file whose stat we cannot trust (e.g. a restored copy
+#   on a filesystem with coarse timestamps).
+# A copied or restored cache gets new inodes and is rebuilt once: a fair price.
 CHECK_SPAN = 64 << 10
-SIDECAR_VERSION = 1
+# 2: the sidecar records the entry's stat identity ("stat"); entries are 0444.
+SIDECAR_VERSION = 2
+ENTRY_MODE = 0o444
 # Exit status the child uses to say "the message on the pipe is the error".
 _CHILD_REPORTED = 3
 
@@ -155,7 +166,14 @@ def get_vmlinux(image_path, *, use_cache: bool = True, cache_dir=None) -> Cached
         if not use_cache:
             import tempfile
 
-            fd, tmp = tempfile.mkstemp(prefix="pvhboot-vmlinux-", suffix=".elf")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix="pvhboot-vmlinux-", suffix=".elf")
+            except OSError as exc:
+                raise ImageError(
+                    f"{path}: cannot create a temporary file for its vmlinux in "
+                    f"{tempfile.gettempdir()}: {exc.strerror}; set TMPDIR to a writable "
+                    "directory"
+                ) from None
             try:
                 _decompress_file(mm, path, codec, start, length, fd, tmp, durable=False)
             except BaseException:
@@ -306,11 +324,14 @@ def _valid_entry(entry: str, sidecar: str, sha: str) -> dict | None:
     except (OSError, ValueError):
         return None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
             return None
         if meta.get("image_sha256") != sha or meta.get("size") != size:
             return None
+        if meta.get("stat") != _identity(st):
+            return None  # written, chmod-ed or replaced since we built it
         head = os.pread(fd, CHECK_SPAN, 0)
         tail = os.pread(fd, CHECK_SPAN, max(0, size - CHECK_SPAN))
         if meta.get("head") != _sha256_hex(head):
@@ -322,6 +343,11 @@ def _valid_entry(entry: str, sidecar: str, sha: str) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def _identity(st) -> list[int]:
+    """What the sidecar records of the entry's fstat (a list: JSON has no tuples)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
 def _elf_headers_in_range(head: bytes, size: int) -> bool:
@@ -357,13 +383,22 @@ def _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha)
     try:
         try:
             _decompress_file(mm, path, codec, start, length, fd, tmp)
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, CHECK_SPAN, 0)
+            tail = os.pread(fd, CHECK_SPAN, max(0, size - CHECK_SPAN))
+            # Read-only, so a stray write fails instead of silently damaging
+            # the entry (root still can: the stat identity catches that).
+            os.fchmod(fd, ENTRY_MODE)
+            # The ELF first, then the sidecar that vouches for it: a crash in
+            # between leaves an entry without a sidecar, which is rebuilt.
+            os.replace(tmp, entry)
+            # fstat of our own descriptor after the rename (which itself
+            # changes ctime): the identity of the inode we wrote, even if
+            # another process has already put its own file at ``entry``
+            # (then the identities differ and that entry is rebuilt).
+            ident = _identity(os.fstat(fd))
         finally:
             os.close(fd)
-        size = os.path.getsize(tmp)
-        with open(tmp, "rb") as f:
-            head = f.read(CHECK_SPAN)
-            f.seek(max(0, size - CHECK_SPAN))
-            tail = f.read(CHECK_SPAN)
         meta = {
             "version": SIDECAR_VERSION,
             "image_sha256": sha,
@@ -372,21 +407,24 @@ def _build_entry(mm, path, codec, start, length, directory, entry, sidecar, sha)
             "size": size,
             "head": _sha256_hex(head),
             "tail": _sha256_hex(tail),
+            "stat": ident,
         }
         mfd, meta_tmp = tempfile.mkstemp(dir=directory, prefix="." + sha[:16], suffix=".json")
         with open(mfd, "w") as f:
             json.dump(meta, f)
             f.flush()
             os.fsync(f.fileno())
-        # The ELF first, then the sidecar that vouches for it: a crash in
-        # between leaves an entry without a sidecar, which is rebuilt.
-        os.replace(tmp, entry)
         os.replace(meta_tmp, sidecar)
         _fsync_dir(directory)
-    except BaseException:
+    except BaseException as exc:
         _unlink(tmp)
         if meta_tmp:
             _unlink(meta_tmp)
+        if isinstance(exc, OSError):  # ENOSPC, EIO, ...: say where, not a temp name
+            raise ImageError(
+                f"cannot write the vmlinux cache in {directory}: {exc.strerror or exc}; free "
+                "some space, set PVHBOOT_CACHE to a writable directory or boot with --no-cache"
+            ) from None
         raise
 
 
@@ -431,8 +469,43 @@ def _decompress_file(mm, path, codec, start, length, fd: int, tmp: str, durable=
             f"{path}: the {codec} payload does not decompress to an ELF (it starts with "
             f"{head.hex() or 'nothing'}); not a Linux kernel payload"
         )
+    problem = _elf_problem(fd)
+    if problem:
+        raise ImageError(f"{path}: its {codec} payload is not a valid ELF: {problem}; "
+                         "the image is corrupt or not a Linux kernel")
     if durable:
         os.fsync(fd)
+
+
+def _elf_problem(fd: int) -> str | None:
+    """Why the file open at ``fd`` is not a valid ELF (parse_elf's reason), or None.
+
+    Checked on the decompressed file before it becomes a cache entry or is
+    handed out, so nothing downstream ever sees a truncated or corrupt ELF
+    (and no message names the temporary file: the caller names the image).
+    """
+    import mmap
+
+    from .elf import parse_elf
+
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except ValueError:
+        return "it is empty"
+    tag = "\0elf"  # a prefix no path has, stripped from parse_elf's message
+    try:
+        parse_elf(mm, what=tag)
+    except ImageError as exc:
+        reason = str(exc)
+        return reason[len(tag) + 2:] if reason.startswith(tag + ": ") else reason
+    except (ValueError, IndexError, OverflowError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a traceback still holds a slice; it goes with it
+            pass
+    return None
 
 
 def _single_threaded() -> bool:
