@@ -120,3 +120,108 @@ def test_schema_doc_lists_every_key(make_pvh_elf, codec_bzimage):
     keys |= set(out["load_segments"][0]) | set(out["notes"][0])
     missing = sorted(k for k in keys if f"`{k}`" not in doc and f'"{k}"' not in doc)
     assert not missing, f"undocumented JSON keys: {missing}"
+
+
+# --- files that are not regular files: refused by name and kind, never read ---
+
+
+def test_fifo_is_refused_without_blocking(cli, tmp_path):
+    import os
+
+    fifo = tmp_path / "kernel.fifo"
+    os.mkfifo(fifo)
+    # Before the fix, open() waited for a writer forever; the timeout turns that into a failure.
+    proc = cli("inspect", fifo, timeout=30)
+    assert_one_line_error(proc, str(fifo), "is a FIFO", "not a kernel image file")
+
+
+def test_character_device_is_named(cli):
+    assert_one_line_error(cli("inspect", "/dev/zero", timeout=30),
+                          "/dev/zero", "is a character device", "not a kernel image file")
+
+
+def test_directory_is_named(cli, tmp_path):
+    assert_one_line_error(cli("inspect", tmp_path), str(tmp_path), "is a directory")
+
+
+def test_symlink_to_a_device_is_followed(cli, tmp_path):
+    link = tmp_path / "vmlinuz"
+    link.symlink_to("/dev/null")
+    assert_one_line_error(cli("inspect", "--json", link, timeout=30),
+                          str(link), "/dev/null", "is a character device")
+
+
+def test_symlink_to_a_kernel_is_fine(cli, tmp_path, bzimage_file):
+    link = tmp_path / "vmlinuz-link"
+    link.symlink_to(bzimage_file)
+    proc = cli("inspect", "--json", link)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["format"] == "bzimage"
+
+
+# --- --json --config: one JSON document with the config in it ---
+
+
+def test_json_with_config_is_json(cli, bzimage_file):
+    proc = cli("inspect", "--json", "--config", bzimage_file)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # before the fix: the raw .config, not JSON
+    assert doc["config"] == CONFIG.decode()
+    assert doc["format"] == "bzimage" and doc["config_embedded"] is True
+
+
+def test_json_with_config_missing_is_null(cli, tmp_path, make_pvh_elf):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(make_pvh_elf())
+    proc = cli("inspect", "--config", "--json", path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["config"] is None and doc["config_embedded"] is False
+
+
+def test_help_documents_json_with_config(cli):
+    proc = cli("inspect", "--help")
+    text = " ".join(proc.stdout.decode().split())
+    assert "with --json" in text and '"config"' in text
+
+
+def test_plain_json_has_no_config_key(cli, bzimage_file):
+    proc = cli("inspect", "--json", bzimage_file)
+    assert "config" not in json.loads(proc.stdout)
+
+
+# --- odd header values: described, with warnings ---
+
+
+def test_zero_payload_length_is_described_with_a_warning(cli, tmp_path, make_bzimage):
+    path = tmp_path / "bz_paylen0"
+    path.write_bytes(make_bzimage(b"\x1f\x8b\x08" + bytes(60), payload_length=0))
+    proc = cli("inspect", "--json", path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["pvh_capable"] is False
+    (warning,) = doc["warnings"]
+    assert "payload_length is 0" in warning and "2.08 or later" not in warning
+    table = cli("inspect", path).stdout.decode()
+    assert "Warnings" in table and "payload_length is 0" in table
+
+
+def test_odd_kernel_alignment_is_a_warning(cli, tmp_path, codec_bzimage):
+    import struct
+
+    data = bytearray(codec_bzimage("gzip")[0])
+    struct.pack_into("<I", data, 0x230, 3)  # kernel_alignment (boot.rst, 2.05+)
+    path = tmp_path / "bz_align3"
+    path.write_bytes(bytes(data))
+    proc = cli("inspect", "--json", path)
+    assert proc.returncode == 0, proc.stderr  # still described
+    doc = json.loads(proc.stdout)
+    assert doc["bzimage"]["kernel_alignment"] == 3 and doc["pvh_capable"] is True
+    assert doc["warnings"] == ["kernel_alignment 0x3 is not a power of two; "
+                               "no boot loader can align the kernel to it"]
+
+
+def test_well_formed_image_has_no_warnings(cli, bzimage_file):
+    proc = cli("inspect", "--json", bzimage_file)
+    assert "warnings" not in json.loads(proc.stdout)
+    assert "Warnings" not in cli("inspect", bzimage_file).stdout.decode()

@@ -267,3 +267,61 @@ def test_pe_struct_sizes():
 
     assert ctypes.sizeof(CoffFileHeader) == 20  # PE spec 3.3
     assert ctypes.sizeof(OptionalHeaderStandard) == 20  # 3.4.1, through AddressOfEntryPoint
+
+
+def test_open_image_refuses_a_fifo_before_reading(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match=r"fifo is a FIFO, not a kernel image file"):
+        open_image(fifo)  # before the fix: blocked in open() forever
+
+
+def test_open_image_refuses_a_device(tmp_path):
+    with pytest.raises(ImageError, match=r"^/dev/zero is a character device"):
+        open_image("/dev/zero", load_payload=False)
+
+
+def test_no_payload_message_says_length_zero(make_bzimage):
+    from pvhboot.image.kernel import payload_view
+
+    img = image_from_buffer(make_bzimage(b"\x1f\x8b\x08" + bytes(60), payload_length=0),
+                            "bz_paylen0")
+    with pytest.raises(ImageError) as exc:
+        payload_view(b"", img.bzimage, "bz_paylen0")
+    msg = str(exc.value)
+    assert "payload_length is 0" in msg and "2.15" in msg
+    assert "2.08" not in msg  # 2.15 is later than 2.08: naming it contradicts itself
+
+
+def test_old_protocol_no_payload_message(make_bzimage):
+    from pvhboot.image.kernel import payload_view
+
+    img = image_from_buffer(make_bzimage(b"\x1f\x8b\x08" + bytes(60), protocol=0x206), "old")
+    assert img.bzimage.payload_length == 0 and img.warnings == []
+    with pytest.raises(ImageError, match=r"boot protocol 2.06 predates 2.08"):
+        payload_view(b"", img.bzimage, "old")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_non_elf_payload_stops_at_the_first_chunk(codec_cli, tmp_path, codec, monkeypatch):
+    """A payload that is not an ELF is refused after the decoder's first output chunk.
+
+    16 MiB of zeros stands for a bomb: if the whole stream were decoded, the
+    sink would see many chunks (every codec produces at most 8 MiB per chunk).
+    """
+    from pvhboot.image import compression
+
+    compress, _ = codec_cli
+    stream = compress(codec, bytes(16 << 20))
+    path = tmp_path / f"zeros.{codec}"
+    path.write_bytes(stream)
+    calls = []
+    real_put = compression._Sink.put
+    monkeypatch.setattr(compression._Sink, "put",
+                        lambda self, chunk: (calls.append(len(chunk)), real_put(self, chunk)))
+    with pytest.raises(ImageError, match="does not decompress to an ELF"):
+        open_image(path)
+    nonempty = [n for n in calls if n]
+    assert len(nonempty) == 1, nonempty

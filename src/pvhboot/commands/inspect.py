@@ -2,7 +2,10 @@
 
 Without --json it prints a table for a person: rich's tables on a terminal,
 plain aligned text when stdout is a pipe or file (and rich is only imported
-in the first case). --json prints the schema in docs/inspect-json.md.
+in the first case). --json prints the schema in docs/inspect-json.md. --config
+alone prints the embedded .config as it is; --json --config adds it to the
+JSON object as the string "config" (null when the kernel has none), so the
+output stays one JSON document.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ def register(sub):
         "report every entry point it offers (PVH, 64-bit Linux, Xen PV, EFI).",
     )
     p.add_argument("image", metavar="IMAGE", help="kernel image (vmlinux, bzImage, vmlinux.gz, ...)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema v1)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output (schema v1, docs/inspect-json.md)")
     p.add_argument("--config", action="store_true",
-                   help="print the embedded .config (CONFIG_IKCONFIG) instead")
+                   help="print the embedded .config (CONFIG_IKCONFIG) instead; with --json, "
+                   'add it to the JSON object as "config" (null when there is none)')
     return p
 
 
@@ -29,18 +34,22 @@ def run(args) -> int:
     from ..image.kernel import open_image
 
     img = open_image(args.image)
+    if args.json:
+        import json
+
+        doc = img.to_json()
+        if args.config:
+            # A new key, allowed by schema v1; the table's output is unchanged.
+            doc["config"] = img.config_text()
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
     if args.config:
         text = img.config_text()
         if text is None:
             raise ImageError(f"{args.image} has no embedded config (the kernel was built without "
                              "CONFIG_IKCONFIG); look for a config-* file next to it")
         sys.stdout.write(text)
-        return 0
-    if args.json:
-        import json
-
-        json.dump(img.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
         return 0
     sections = report_sections(img)
     if sys.stdout.isatty():
@@ -112,6 +121,8 @@ def report_sections(img) -> list[tuple[str, list[str], list[list[str]]]]:
                          ["paddr", "vaddr", "offset", "filesz", "memsz", "flags"], segs))
         notes = [[n.owner, str(n.type), n.type_name or "-", _desc(n.desc)] for n in elf.notes]
         sections.append(("Notes", ["owner", "type", "name", "descriptor"], notes))
+    if img.warnings:
+        sections.append(("Warnings", ["warning"], [[w] for w in img.warnings]))
     return sections
 
 

@@ -222,6 +222,39 @@ class BzImageInfo(Record):
             return self.handover_offset
         return None
 
+    def no_payload_reason(self) -> str | None:
+        """Why the header locates no compressed kernel (one clause), or None when it does.
+
+        Two different cases: a protocol older than 2.08 has no payload
+        fields at all; a newer one has them and says 0.
+        """
+        if self.payload_length:
+            return None
+        if self.protocol < FIELD_SINCE["payload_length"]:
+            return (f"boot protocol {self.protocol_str} predates 2.08, which added the "
+                    "payload_offset/payload_length fields that locate the compressed kernel")
+        return (f"the setup header's payload_length is 0 (boot protocol {self.protocol_str}), "
+                "so it locates no compressed kernel")
+
+    @property
+    def warnings(self) -> list[str]:
+        """Header values no Linux build writes; ``inspect`` shows them, nothing refuses here.
+
+        Describing an odd file is inspect's job; refusing to boot it is the
+        boot path's, which checks what it needs itself.
+        """
+        out = []
+        ka = self.kernel_alignment
+        # boot.rst, kernel_alignment (2.05+): the physical alignment a
+        # relocatable kernel needs, CONFIG_PHYSICAL_ALIGN, always a power of two.
+        if self.protocol >= FIELD_SINCE["kernel_alignment"] and (
+                ka & (ka - 1) or (ka == 0 and self.relocatable)):
+            out.append(f"kernel_alignment {ka:#x} is not a power of two; "
+                       "no boot loader can align the kernel to it")
+        if self.protocol >= FIELD_SINCE["payload_length"] and not self.payload_length:
+            out.append(self.no_payload_reason())
+        return out
+
 
 def flag_names(value: int, names: dict[int, str]) -> list[str]:
     out = [name for bit, name in names.items() if value & bit]

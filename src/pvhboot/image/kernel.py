@@ -18,6 +18,8 @@ docs/inspect-json.md; change it only together with that file and
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 
 from .._record import Record
 from ..errors import CodecError, ImageError
@@ -137,7 +139,21 @@ class KernelImage(Record):
             return None
         return False
 
+    @property
+    def warnings(self) -> list[str]:
+        """Odd header values worth a reader's attention; the file is still described."""
+        return self.bzimage.warnings if self.bzimage is not None else []
+
     def to_json(self) -> dict:
+        doc = self._json()
+        # "warnings" (list of one-line strings) appears only when there is
+        # something to say, so a well-formed image's document is unchanged.
+        warnings = self.warnings
+        if warnings:
+            doc["warnings"] = warnings
+        return doc
+
+    def _json(self) -> dict:
         elf = self.elf
         bz = self.bzimage
         return {
@@ -203,15 +219,46 @@ class _map:
         self.mm = None
 
     def __enter__(self):
-        with open(self.path, "rb") as f:
+        # Refuse before opening: open() of a FIFO blocks until a writer comes,
+        # and opening a device can have side effects (a tape rewinds).
+        _require_regular(self.path, os.stat(self.path))
+        # O_NONBLOCK: should the path become a FIFO between stat and open,
+        # open returns at once and the fstat below refuses it.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            _require_regular(self.path, os.fstat(fd))
             try:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             except ValueError:
                 raise ImageError(f"{self.path}: the file is empty; not a kernel image") from None
+        finally:
+            os.close(fd)
         return self.mm
 
     def __exit__(self, *exc):
         close_quietly(self.mm)
+
+
+# st_mode file types other than a regular file, as a user would name them.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _require_regular(path: str, st: os.stat_result) -> None:
+    """ImageError unless ``st`` (symlinks followed) describes a regular file."""
+    if stat.S_ISREG(st.st_mode):
+        return
+    kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "something other than a regular file")
+    where = path
+    if os.path.islink(path):
+        where = f"{path} (a link to {os.path.realpath(path)})"
+    raise ImageError(f"{where} is {kind}, not a kernel image file; give the path of a vmlinux, "
+                     "bzImage or compressed kernel file")
 
 
 def _release(view) -> None:
@@ -353,9 +400,9 @@ def _from_bzimage(data, path: str, load_payload: bool) -> KernelImage:
 
 def payload_view(data, bz: BzImageInfo, path: str = "bzImage"):
     """The compressed payload as a memoryview of ``data`` (no copy) and its codec."""
-    if not bz.payload_length:
-        raise ImageError(f"{path}: the setup header declares no payload "
-                         f"(boot protocol {bz.protocol_str}; 2.08+ needed)")
+    reason = bz.no_payload_reason()
+    if reason:
+        raise ImageError(f"{path}: {reason}; there is no payload ELF to read")
     if bz.codec is None:
         head = bytes(data[bz.payload_offset : bz.payload_offset + 4]).hex()
         raise ImageError(f"{path}: payload at {bz.payload_offset:#x} starts with {head}, "
