@@ -304,8 +304,10 @@ def test_old_protocol_no_payload_message(make_bzimage):
         payload_view(b"", img.bzimage, "old")
 
 
+@pytest.mark.parametrize("wrapper", ["bzimage", "compressed-file"])
 @pytest.mark.parametrize("codec", CODECS)
-def test_non_elf_payload_stops_at_the_first_chunk(codec_cli, tmp_path, codec, monkeypatch):
+def test_non_elf_payload_stops_at_the_first_chunk(codec_cli, make_bzimage, tmp_path, codec,
+                                                  wrapper, monkeypatch):
     """A payload that is not an ELF is refused after the decoder's first output chunk.
 
     16 MiB of zeros stands for a bomb: if the whole stream were decoded, the
@@ -316,7 +318,7 @@ def test_non_elf_payload_stops_at_the_first_chunk(codec_cli, tmp_path, codec, mo
     compress, _ = codec_cli
     stream = compress(codec, bytes(16 << 20))
     path = tmp_path / f"zeros.{codec}"
-    path.write_bytes(stream)
+    path.write_bytes(make_bzimage(stream) if wrapper == "bzimage" else stream)
     calls = []
     real_put = compression._Sink.put
     monkeypatch.setattr(compression._Sink, "put",
