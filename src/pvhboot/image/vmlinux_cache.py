@@ -284,11 +284,9 @@ def _payload_range(mm, path: str) -> tuple[int, int]:
     from .bzimage import parse_bzimage
 
     bz = parse_bzimage(mm, what=path)
-    if not bz.payload_length:
-        raise ImageError(
-            f"{path}: the bzImage header gives no payload (protocol {bz.protocol_str}; "
-            "2.08 or later is needed to find the compressed vmlinux)"
-        )
+    reason = bz.no_payload_reason()
+    if reason:
+        raise ImageError(f"{path}: {reason}")
     return bz.payload_offset, bz.payload_length
 
 
