@@ -131,7 +131,7 @@ class Machine:
         self.echo_console = echo_console
         self.host_quirks = host_quirks
         self.use_cache = use_cache
-        self.system_map = None if system_map is None else str(system_map)
+        self.system_map = None if system_map is None else _readable_file(system_map, "System.map")
         self.stop_on = stop_on
         if stop_on is not None:
             import re
@@ -149,6 +149,9 @@ class Machine:
         self.defer_teardown = False
         self.timeline_from_exec = False  # the CLI sets it: phases count from exec
         self.gc_paused = False  # the CLI disables GC during setup; the run loop re-enables it
+        # The CLI sets it: SIGTERM/SIGHUP end the run cleanly (the VM and the
+        # terminal restored, temporaries removed) with exit status 128+signal.
+        self.handle_signals = False
         self._open_vm = None
         self._open_fds = ()
 
@@ -163,22 +166,39 @@ class Machine:
 
     def effective_cmdline(self) -> str:
         quirks = self._host_quirks()
+        cmdline = self.cmdline.strip()
         suffix = (quirks.cmdline_suffix or "").strip() if quirks is not None else ""
-        return " ".join(p for p in (self.cmdline.strip(), suffix) if p)
+        if not suffix or "clearcpuid=" in cmdline:
+            return cmdline  # the user's own clearcpuid= wins (quirks.apply_cmdline)
+        return " ".join(p for p in (cmdline, suffix) if p)
 
     def prepare(self):
         """Choose the boot path and plan it (boot.prepare.prepare_boot); cached."""
         if self.prepared is None:
             from .boot.prepare import prepare_boot
+            from .errors import BootError
 
-            self.prepared = prepare_boot(
-                self.kernel,
-                initrd=self.initrd,
-                cmdline=self.effective_cmdline(),
-                memory_size=self.memory_size,
-                boot=self.boot,
-                use_cache=self.use_cache,
-            )
+            cmdline = self.effective_cmdline()
+            try:
+                self.prepared = prepare_boot(
+                    self.kernel,
+                    initrd=self.initrd,
+                    cmdline=cmdline,
+                    memory_size=self.memory_size,
+                    boot=self.boot,
+                    use_cache=self.use_cache,
+                )
+            except BootError as exc:
+                added = len(cmdline.encode("utf-8", "replace")) - len(
+                    self.cmdline.strip().encode("utf-8", "replace")
+                )
+                if str(exc).startswith("command line too long") and added > 0:
+                    suffix = cmdline[len(self.cmdline.strip()) :].strip()
+                    raise BootError(
+                        f"{exc}; {added} of those bytes are pvhboot's host-quirks suffix "
+                        f"{suffix!r} (--no-host-quirks drops it)"
+                    ) from None
+                raise
         return self.prepared
 
     def plan(self):
@@ -188,17 +208,34 @@ class Machine:
     # --- running ---------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Boot the kernel and run until the guest stops, faults or times out."""
+        """Boot the kernel and run until the guest stops, faults or times out.
+
+        The timeout counts wall time from the start: of this call for the
+        API, of the process for the CLI (the timeline's origin). pvhboot's
+        stderr lines (host quirks, boot path) come only once everything is
+        ready and the guest is about to start, so a bad input gives exactly
+        one line: its error.
+        """
         timeline = self._timeline()
-        quirks = self._host_quirks()
-        if quirks is not None and not self.quiet:
-            line = quirks.announce()
-            if line:
-                print(f"pvhboot: {line}", file=sys.stderr)
-        prepared = self.prepare()
-        if not self.quiet and getattr(prepared, "message", ""):
-            print(f"pvhboot: {prepared.message}", file=sys.stderr)
-        return self.run_plan(prepared.plan, timeline=timeline, quirks=quirks)
+        signals = _Signals(self.handle_signals)
+        with signals:
+            quirks = self._host_quirks()
+            prepared = self.prepare()
+            lines = []
+            if not self.quiet:
+                line = quirks.announce() if quirks is not None else None
+                if line:
+                    lines.append(line)
+                if getattr(prepared, "message", ""):
+                    lines.append(prepared.message)
+            return self.run_plan(
+                prepared.plan,
+                timeline=timeline,
+                quirks=quirks,
+                announce=lines,
+                vmlinux=getattr(prepared, "vmlinux", None),
+                signals=signals,
+            )
 
     def _timeline(self):
         """Phases from the exec of this process (the CLI), or from this call (the API).
@@ -211,13 +248,20 @@ class Machine:
 
         return Timeline() if self.timeline_from_exec else Timeline(start=now())
 
-    def run_plan(self, plan, *, timeline=None, quirks=None) -> RunResult:
-        """Run a ready BootPlan (built by boot/ or by hand, as tests do)."""
+    def run_plan(
+        self, plan, *, timeline=None, quirks=None, announce=(), vmlinux=None, signals=None
+    ) -> RunResult:
+        """Run a ready BootPlan (built by boot/ or by hand, as tests do).
+
+        ``announce``: lines printed (with the "pvhboot: " prefix) right
+        before the guest starts. ``vmlinux``: a CachedVmlinux the plan maps;
+        its cleanup() runs as soon as the segments are mapped.
+        """
 
         timeline = timeline or self._timeline()
         console = _Console(self, timeline)
         try:
-            return _run(self, plan, timeline, console, quirks)
+            return _run(self, plan, timeline, console, quirks, announce, vmlinux, signals)
         finally:
             console.close()
 
@@ -275,7 +319,9 @@ class _Console:
             self.log = None
 
 
-def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResult:
+def _run(
+    machine: Machine, plan, timeline, console: _Console, quirks, announce, vmlinux, signals
+) -> RunResult:
     from .machine.memory import GuestMemory
     from .machine.run_loop import RunControl, run_vcpu
     from .machine.vm import Vm
@@ -288,6 +334,10 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
         timeline.mark("kvm-ready")
         mem.load_chunks(plan.chunks)
         timeline.mark("kernel-mapped")
+        if vmlinux is not None:
+            # A --no-cache temporary: the MAP_PRIVATE mappings keep its data,
+            # so remove it now; a run killed later leaves nothing in /tmp.
+            vmlinux.cleanup()
         vcpu.setup(plan.cpu)
         bus, serial = _make_bus(vm, console, timeline)
         control = RunControl()
@@ -296,9 +346,14 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
 
             gc.enable()  # a guest may run for minutes: collect cycles from here on
         host_input = console.echo_fd is not None and _stdin_worth_reading()
-        with _Timeout(machine.timeout, control, always=host_input), _host_console(
+        for line in announce:
+            print(f"pvhboot: {line}", file=sys.stderr)
+        if signals is None:
+            signals = _Signals(False)
+        deadline = None if machine.timeout is None else timeline.start + machine.timeout
+        with _Timeout(deadline, control, always=host_input), _host_console(
             host_input, serial, control
-        ):
+        ), signals.stopping(control):
             outcome = run_vcpu(
                 vcpu,
                 bus,
@@ -309,6 +364,12 @@ def _run(machine: Machine, plan, timeline, console: _Console, quirks) -> RunResu
                 on_first_run=lambda: timeline.mark("first-kvm-run"),
             )
         timeline.mark("exit")
+        if signals.signum is not None:
+            from .machine.run_loop import Outcome
+
+            outcome = Outcome(
+                "signal", 128 + signals.signum, f"stopped by {_signal_name(signals.signum)}"
+            )
         return RunResult(
             reason=outcome.reason,
             status=outcome.status,
@@ -448,7 +509,10 @@ class _host_console:
             signal.pthread_kill(main, signal.SIGALRM)
 
         self.console = Console(self.serial.feed_input, on_quit=quit_)
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        # SIGTERM/SIGHUP too: they must interrupt KVM_RUN in the main thread.
+        old = signal.pthread_sigmask(
+            signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGTERM, signal.SIGHUP}
+        )
         try:
             self.console.start()
         finally:
@@ -462,7 +526,12 @@ class _host_console:
 
 
 class _Timeout:
-    """SIGALRM after ``seconds``, then every 50 ms, until the loop notices.
+    """SIGALRM at the ``deadline``, then every 50 ms, until the loop notices.
+
+    ``deadline`` is on the timeline's clock (CLOCK_BOOTTIME): the timeout is
+    wall time from the start (of the process for the CLI), so slow set-up
+    (a 1 TiB guest) counts against it. A deadline already past stops the
+    run before the first KVM_RUN.
 
     The repeat covers the race where the signal lands just before KVM_RUN is
     entered; Python's handlers do not set SA_RESTART, so KVM_RUN returns
@@ -471,12 +540,13 @@ class _Timeout:
 
     REPEAT = 0.05
 
-    def __init__(self, seconds: float | None, control, *, always: bool = False) -> None:
-        self.seconds = seconds
+    def __init__(self, deadline: float | None, control, *, always: bool = False) -> None:
+        self.deadline = deadline
+        self.seconds = deadline is not None
         self.control = control
         # ``always``: install the handler even without a timeout, so that
         # other threads can kick KVM_RUN with SIGALRM (console quit).
-        self.active = bool(seconds) or always
+        self.active = self.seconds or always
         self.old = None
 
     def __enter__(self):
@@ -495,7 +565,13 @@ class _Timeout:
                 )
             self.old = signal.signal(signal.SIGALRM, self._fire)
             if self.seconds:
-                signal.setitimer(signal.ITIMER_REAL, self.seconds, self.REPEAT)
+                from .machine.timeline import now
+
+                left = self.deadline - now()
+                if left <= 0:
+                    self.control.request_stop("timeout")
+                else:
+                    signal.setitimer(signal.ITIMER_REAL, left, self.REPEAT)
         return self
 
     def _fire(self, signum, frame) -> None:
@@ -512,3 +588,94 @@ class _Timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0, 0)
             signal.signal(signal.SIGALRM, self.old)
 
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _Signals:
+    """SIGTERM/SIGHUP handlers for the whole of ``run()`` (CLI only).
+
+    While the vCPU runs (``stopping``), a signal asks the loop to stop; the
+    run then returns with status 128+signal and everything is torn down as
+    on any other ending. Before or after that, the handler raises
+    SystemExit(128+signal), so ``finally`` blocks and atexit handlers
+    (temporary files, the terminal) still run. Without handlers the default
+    action would kill the process with none of that.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        # Off the main thread signal.signal raises ValueError: then no handlers.
+        self.enabled = enabled
+        self.old = {}
+        self.control = None
+        self.signum = None
+
+    def __enter__(self):
+        if self.enabled:
+            # _signal, not signal: the latter builds its enums on import (about
+            # 1 ms with enum itself), which a run without --timeout never paid.
+            import _signal
+
+            for sig in (_signal.SIGTERM, _signal.SIGHUP):
+                try:
+                    self.old[sig] = _signal.signal(sig, self._on_signal)
+                except (OSError, ValueError):
+                    pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old:
+            import _signal
+
+            for sig, old in self.old.items():
+                _signal.signal(sig, old)
+            self.old = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.control is not None:
+            if self.signum is None:
+                self.signum = signum
+            self.control.request_stop("signal")
+            return
+        raise SystemExit(128 + signum)
+
+    def stopping(self, control):
+        return _SignalsStopping(self, control)
+
+
+class _SignalsStopping:
+    def __init__(self, signals: _Signals, control) -> None:
+        self.signals = signals
+        self.control = control
+
+    def __enter__(self):
+        self.signals.control = self.control
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.signals.control = None
+
+
+def _readable_file(path, what: str) -> str:
+    """``path`` as str if it is a readable regular file; else BootError, one line."""
+    import os
+    import stat
+
+    from .errors import BootError
+
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise BootError(
+            f"cannot read the {what} {path}: {exc.strerror or exc}; give the right path"
+        ) from None
+    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
+        raise BootError(f"cannot read the {what} {path}: not a readable file; give the right path")
+    return str(path)

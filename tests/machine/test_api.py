@@ -341,3 +341,26 @@ def test_boot_timer_port_marks_the_timeline(tmp_path):
     result = run(plan_for(code))
     assert result.status == 3
     assert result.timeline["first-kvm-run"] <= result.timeline["boot-timer"] <= result.timeline["exit"]
+
+
+def test_timeout_counts_from_the_start_not_the_first_kvm_run(tmp_path):
+    # A guest that prints forever; the run "started" 10 s ago with a 1 s
+    # budget, so the budget is spent before the guest could print anything.
+    from pvhboot.machine.timeline import Timeline, now
+
+    code = asm32(tmp_path, "mov $0x3f8, %dx\n1: mov $0x78, %al\nout %al, %dx\njmp 1b")
+    machine = Machine(kernel="(hand-built)", host_quirks=False, timeout=1)
+    result = machine.run_plan(plan_for(code), timeline=Timeline(start=now() - 10))
+    assert (result.reason, result.status) == ("timeout", 124)
+    assert result.console == ""
+
+
+def test_run_announces_nothing_when_the_input_is_bad(tmp_path, capfd):
+    # The host-quirks line (on a PVM host) must not precede the error.
+    from pvhboot.errors import PvhbootError
+
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    with pytest.raises(PvhbootError):
+        Machine(kernel=kernel, host_quirks=True).run()
+    assert capfd.readouterr().err == ""

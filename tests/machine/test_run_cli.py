@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -295,3 +296,71 @@ def test_in_process_cli_leaves_gc_as_it_was(hello, capfd):
     assert gc.isenabled()
     assert main(["run", "--kernel", hello, "--dry-run", "--quiet"]) == 0
     assert gc.isenabled()
+
+
+SPIN_AFTER_READY = """
+    mov $0x3f8, %dx
+    mov $'r', %al
+    out %al, %dx
+    mov $'\\n', %al
+    out %al, %dx
+    cli
+1:  hlt
+    jmp 1b
+"""
+
+
+@requires_kvm
+@needs_toolchain
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_signal_ends_the_run_cleanly_and_no_cache_temporary_is_gone(tmp_path, sig):
+    # stdin is not a TTY, so machine/console.py's raw-mode handlers are not
+    # installed: the run path's own handlers must end the run (128+signal),
+    # and the --no-cache temporary must be unlinked once the kernel is mapped.
+    import gzip
+    import os
+
+    probe = build_probe(tmp_path, SPIN_AFTER_READY, "ready")
+    wrapped = tmp_path / "ready.elf.gz"
+    wrapped.write_bytes(gzip.compress(open(probe, "rb").read()))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), PVHBOOT_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvhboot", "run", "--kernel", str(wrapped), "--no-cache",
+         "--quiet", "--memory", "128M", "--timeout", "120"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"r\n"  # the guest runs (and then halts)
+        assert list(tmp.iterdir()) == []  # unlinked while the guest still runs
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + sig, err
+    assert list(tmp.iterdir()) == []
+    assert err == b""  # --quiet: the status says it
+
+
+@requires_kvm
+@needs_toolchain
+def test_signal_says_so_in_one_line_without_quiet(tmp_path):
+    probe = build_probe(tmp_path, SPIN_AFTER_READY, "ready")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvhboot", "run", "--kernel", probe, "--no-host-quirks",
+         "--memory", "128M"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == b"r\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.decode().splitlines()[-1] == "pvhboot: stopped by SIGTERM"

@@ -17,7 +17,13 @@ OPTIONS = (
     ("--initrd", "value", None, "PATH", "initramfs (module 0 / ramdisk)"),
     ("--cmdline", "value", "", "STR", "kernel command line"),
     ("--memory", "value", "128M", "SIZE", "guest RAM (default 128M)"),
-    ("--timeout", "value", None, "SEC", "stop after SEC seconds (exit status 124)"),
+    (
+        "--timeout",
+        "value",
+        None,
+        "SEC",
+        "stop after SEC seconds of wall time from start, set-up included (exit status 124)",
+    ),
     ("--console-log", "value", None, "FILE", "write the console here, not stdout"),
     (
         "--boot",
@@ -93,7 +99,7 @@ def fast_parse(argv: list[str]):
 
 
 # Endings that are not failures; their message is printed only when not --quiet.
-_NOT_FAULTS = ("reset", "poweroff", "console-match", "debug-exit", "timeout", "quit")
+_NOT_FAULTS = ("reset", "poweroff", "console-match", "debug-exit", "timeout", "quit", "signal")
 
 
 def register(sub):
@@ -102,7 +108,8 @@ def register(sub):
         help="boot a kernel on KVM",
         description="Boot a kernel (ELF vmlinux or bzImage) on KVM, with a serial console on "
         "stdout. Exit status: 0 when the guest resets or powers off, the debug-exit code "
-        "when it writes port 0xf4, 124 on --timeout, 1 on a fault, 130 on Ctrl-C. On a "
+        "when it writes port 0xf4, 124 on --timeout, 1 on a fault, 130 on Ctrl-C, 128+N on "
+        "signal N (SIGTERM, SIGHUP). On a "
         "terminal, keys go to the guest; Ctrl-A x quits (status 0).",
     )
     for flag, kind, default, metavar, text in OPTIONS:
@@ -135,6 +142,11 @@ def _run(args) -> int:
     import sys
 
     from ..api import Machine
+
+    if args.json and not args.dry_run:
+        from ..errors import UsageError
+
+        raise UsageError("--json describes the plan of --dry-run: add --dry-run, or drop --json")
 
     machine = Machine(
         kernel=args.kernel,
@@ -172,6 +184,7 @@ def _run(args) -> int:
     machine.defer_teardown = _is_program_entry()
     machine.timeline_from_exec = True
     machine.gc_paused = True
+    machine.handle_signals = True
     result = machine.run()
     fault = result.reason not in _NOT_FAULTS
     if result.message and (fault or (result.status != 0 and not args.quiet)):
