@@ -334,3 +334,15 @@ def test_no_cache_prepared_boot_exposes_the_temporary(tmp_path, cache_dir):
     assert os.path.exists(prepared.vmlinux.path)
     prepared.vmlinux.cleanup()
     assert not os.path.exists(prepared.vmlinux.path)
+
+
+def test_no_cache_without_pvh_removes_the_temporary_at_once(tmp_path, cache_dir, monkeypatch):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    k = _write(tmp_path, "bzImage", make_bzimage(make_elf(pvh=False)))
+    prepared = prepare_boot(k, use_cache=False)
+    assert prepared.vmlinux is None
+    assert list(tmp.iterdir()) == []

@@ -251,6 +251,9 @@ def _prepare_bzimage(
             img,
             cached,
         )
+    # The Linux protocol boots the bzImage itself: a --no-cache temporary
+    # vmlinux has served its purpose (cleanup() leaves cache entries alone).
+    cached.cleanup()
     if boot == "pvh":
         raise BootError(f"--boot pvh: {what} ({path}) has no PVH entry: {_NO_PVH_HINT}")
     from .linux import plan_linux_bzimage
