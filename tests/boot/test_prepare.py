@@ -346,3 +346,14 @@ def test_no_cache_without_pvh_removes_the_temporary_at_once(tmp_path, cache_dir,
     prepared = prepare_boot(k, use_cache=False)
     assert prepared.vmlinux is None
     assert list(tmp.iterdir()) == []
+
+
+def test_init_size_window_over_the_mmio_gap_gives_no_memory_advice(tmp_path):
+    data = bytearray(make_bzimage(make_elf(pvh=False)))
+    struct.pack_into("<I", data, 0x260, 0xC0000000)  # setup_header.init_size: 3 GiB
+    k = _write(tmp_path, "bzImage", bytes(data))
+    with pytest.raises(BootError) as exc:
+        prepare_boot(k, boot="linux", memory_size=128 * MIB)
+    msg = str(exc.value)
+    assert "MMIO gap" in msg and "init_size" in msg
+    assert "give the guest" not in msg
