@@ -7,12 +7,12 @@ memory and registers, not KVM.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 
 import pytest
+from quirks_fakes import FakeVcpu
 
-from pvhboot.kvm.structs import kvm_fpu, kvm_regs, kvm_sregs
+from pvhboot.kvm.structs import kvm_regs, kvm_sregs
 from pvhboot.machine import quirks as q
 from pvhboot.machine.memory import GuestMemory
 from pvhboot.machine.quirks import HostQuirks
@@ -26,42 +26,6 @@ IST1_TOP = 0x9_0000
 RSP0_TOP = 0xA_0000
 HANDLER = 0x40_0100
 KERNEL_CS, KERNEL_DS, OTHER_CS = 0x10, 0x18, 0x20
-
-
-class FakeVcpu:
-    """Holds copies of the register structs, as KVM would between ioctls."""
-
-    def __init__(self, regs, sregs, fpu=None):
-        self.regs, self.sregs = regs, sregs
-        self.fpu = fpu or kvm_fpu()
-        self.calls: list[str] = []
-
-    @staticmethod
-    def _copy(obj):
-        new = type(obj)()
-        ctypes.pointer(new)[0] = obj
-        return new
-
-    def get_regs(self):
-        return self._copy(self.regs)
-
-    def set_regs(self, r):
-        self.calls.append("set_regs")
-        self.regs = self._copy(r)
-
-    def get_sregs(self):
-        return self._copy(self.sregs)
-
-    def set_sregs(self, s):
-        self.calls.append("set_sregs")
-        self.sregs = self._copy(s)
-
-    def get_fpu(self):
-        return self._copy(self.fpu)
-
-    def set_fpu(self, f):
-        self.calls.append("set_fpu")
-        self.fpu = self._copy(f)
 
 
 def put64(mem, addr, value):

@@ -12,6 +12,7 @@ import ctypes
 import struct
 
 import pytest
+from quirks_fakes import FakeVcpu
 
 from pvhboot.kvm.structs import kvm_regs, kvm_sregs
 from pvhboot.machine import quirks as q
@@ -25,28 +26,6 @@ M64 = 2**64 - 1
 # Flags set before each instruction, so that "cleared" and "left alone" differ.
 FLAGS_IN = 0x2 | q.RFLAGS_ARITH
 UNDEFINED_KEPT = q.RFLAGS_PF | q.RFLAGS_AF
-
-
-class FakeVcpu:
-    def __init__(self, regs, sregs):
-        self.regs, self.sregs = regs, sregs
-        self.calls: list[str] = []
-
-    @staticmethod
-    def _copy(obj):
-        new = type(obj)()
-        ctypes.pointer(new)[0] = obj
-        return new
-
-    def get_regs(self):
-        return self._copy(self.regs)
-
-    def set_regs(self, r):
-        self.calls.append("set_regs")
-        self.regs = self._copy(r)
-
-    def get_sregs(self):
-        return self._copy(self.sregs)
 
 
 @pytest.fixture

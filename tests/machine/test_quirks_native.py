@@ -18,6 +18,7 @@ import random
 import struct
 
 import pytest
+from quirks_fakes import FakeVcpu
 
 from pvhboot.kvm.structs import kvm_regs, kvm_sregs
 from pvhboot.machine import quirks as q
@@ -137,26 +138,6 @@ class _Native:
         return out, self.state[7], bytes(self.data)
 
 
-class _Vcpu:
-    def __init__(self, regs, sregs):
-        self.regs, self.sregs = regs, sregs
-
-    @staticmethod
-    def _copy(obj):
-        new = type(obj)()
-        ctypes.pointer(new)[0] = obj
-        return new
-
-    def get_regs(self):
-        return self._copy(self.regs)
-
-    def set_regs(self, r):
-        self.regs = self._copy(r)
-
-    def get_sregs(self):
-        return self._copy(self.sregs)
-
-
 def _emulate(mem, code: bytes, values: dict[str, int], flags: int, data: bytes):
     mem.write(CODE, code + b"\x90" * 15)
     mem.write(DATA, data)
@@ -167,7 +148,7 @@ def _emulate(mem, code: bytes, values: dict[str, int], flags: int, data: bytes):
     s = kvm_sregs()
     s.cr0, s.cr3, s.cr4, s.efer = 0x8005_0033, PML4, 0x20, 0x500
     s.cs.selector, s.cs.l, s.cs.present, s.cs.s, s.cs.type = 0x10, 1, 1, 1, 0xB
-    vcpu = _Vcpu(regs, s)
+    vcpu = FakeVcpu(regs, s)
     assert HostQuirks(True, pvm_host=True).handle_internal_error(vcpu, mem)
     assert vcpu.regs.rip == CODE + len(code)
     out = {name: getattr(vcpu.regs, name) for name in STATE_REGS if name != "rsi"}
