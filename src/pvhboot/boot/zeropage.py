@@ -14,84 +14,26 @@ from __future__ import annotations
 
 import ctypes
 
+# The setup header and its flag bits are the image reader's (image/bzimage.py,
+# boot.rst "The real-mode kernel header"): the zero page embeds the same
+# struct at 0x1f1, so one definition serves both. Re-exported for linux.py.
+from ..image.bzimage import BOOT_FLAG as BOOT_FLAG_MAGIC  # noqa: F401
+from ..image.bzimage import HDRS_MAGIC as _HDRS_BYTES
+from ..image.bzimage import (  # noqa: F401
+    LOADED_HIGH,
+    XLF_CAN_BE_LOADED_ABOVE_4G,
+    XLF_KERNEL_64,
+    SetupHeader,
+)
 from .plan import MemoryRange
 
-# boot.rst "The real-mode kernel header": magic values.
-BOOT_FLAG_MAGIC = 0xAA55  # boot_flag at 0x1fe
-HDRS_MAGIC = 0x53726448  # "HdrS" (little-endian) at 0x202
-
-# loadflags (boot.rst, field "loadflags").
-LOADED_HIGH = 1 << 0  # protected-mode code loaded at 0x100000 or above
-KASLR_FLAG = 1 << 1  # set by the kernel itself, never by a loader
-QUIET_FLAG = 1 << 5
-KEEP_SEGMENTS = 1 << 6  # obsolete
-CAN_USE_HEAP = 1 << 7  # heap_end_ptr is valid (real-mode setup code only)
-
-# xloadflags (boot.rst, field "xloadflags", protocol 2.12+).
-XLF_KERNEL_64 = 1 << 0  # has the 64-bit entry at load address + 0x200
-XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1  # kernel/boot_params/cmdline/ramdisk may sit above 4 GiB
-XLF_EFI_HANDOVER_32 = 1 << 2
-XLF_EFI_HANDOVER_64 = 1 << 3
-XLF_EFI_KEXEC = 1 << 4
-XLF_5LEVEL = 1 << 5
-XLF_5LEVEL_ENABLED = 1 << 6
+# "HdrS" as the little-endian u32 a loader writes to hdr.header.
+HDRS_MAGIC = int.from_bytes(_HDRS_BYTES, "little")
 
 # type_of_loader 0xff: "undefined" boot loader (boot.rst, "type_of_loader").
 LOADER_TYPE_UNDEFINED = 0xFF
 
-# zero-page.rst offsets the tests check the ctypes layout against.
-SETUP_HEADER_OFFSET = 0x1F1
-E820_TABLE_OFFSET = 0x2D0
-E820_ENTRIES_OFFSET = 0x1E8
 E820_MAX_ENTRIES_ZEROPAGE = 128  # bootparam.h
-BOOT_PARAMS_SIZE = 4096
-
-
-class SetupHeader(ctypes.LittleEndianStructure):
-    """boot.rst's real-mode kernel header, 0x1f1 .. 0x26b (protocol 2.15)."""
-
-    _pack_ = 1
-    _fields_ = [
-        ("setup_sects", ctypes.c_uint8),  # 0x1f1
-        ("root_flags", ctypes.c_uint16),  # 0x1f2
-        ("syssize", ctypes.c_uint32),  # 0x1f4
-        ("ram_size", ctypes.c_uint16),  # 0x1f8
-        ("vid_mode", ctypes.c_uint16),  # 0x1fa
-        ("root_dev", ctypes.c_uint16),  # 0x1fc
-        ("boot_flag", ctypes.c_uint16),  # 0x1fe
-        ("jump", ctypes.c_uint16),  # 0x200
-        ("header", ctypes.c_uint32),  # 0x202
-        ("version", ctypes.c_uint16),  # 0x206
-        ("realmode_swtch", ctypes.c_uint32),  # 0x208
-        ("start_sys_seg", ctypes.c_uint16),  # 0x20c
-        ("kernel_version", ctypes.c_uint16),  # 0x20e
-        ("type_of_loader", ctypes.c_uint8),  # 0x210
-        ("loadflags", ctypes.c_uint8),  # 0x211
-        ("setup_move_size", ctypes.c_uint16),  # 0x212
-        ("code32_start", ctypes.c_uint32),  # 0x214
-        ("ramdisk_image", ctypes.c_uint32),  # 0x218
-        ("ramdisk_size", ctypes.c_uint32),  # 0x21c
-        ("bootsect_kludge", ctypes.c_uint32),  # 0x220
-        ("heap_end_ptr", ctypes.c_uint16),  # 0x224
-        ("ext_loader_ver", ctypes.c_uint8),  # 0x226
-        ("ext_loader_type", ctypes.c_uint8),  # 0x227
-        ("cmd_line_ptr", ctypes.c_uint32),  # 0x228
-        ("initrd_addr_max", ctypes.c_uint32),  # 0x22c
-        ("kernel_alignment", ctypes.c_uint32),  # 0x230
-        ("relocatable_kernel", ctypes.c_uint8),  # 0x234
-        ("min_alignment", ctypes.c_uint8),  # 0x235
-        ("xloadflags", ctypes.c_uint16),  # 0x236
-        ("cmdline_size", ctypes.c_uint32),  # 0x238
-        ("hardware_subarch", ctypes.c_uint32),  # 0x23c
-        ("hardware_subarch_data", ctypes.c_uint64),  # 0x240
-        ("payload_offset", ctypes.c_uint32),  # 0x248
-        ("payload_length", ctypes.c_uint32),  # 0x24c
-        ("setup_data", ctypes.c_uint64),  # 0x250
-        ("pref_address", ctypes.c_uint64),  # 0x258
-        ("init_size", ctypes.c_uint32),  # 0x260
-        ("handover_offset", ctypes.c_uint32),  # 0x264
-        ("kernel_info_offset", ctypes.c_uint32),  # 0x268
-    ]
 
 
 class BootE820Entry(ctypes.LittleEndianStructure):
@@ -157,10 +99,8 @@ def setup_header_from_bytes(raw: bytes) -> SetupHeader:
     Older protocols have shorter headers; bytes past our struct are ignored
     because the zero page has no room for them.
     """
-    hdr = SetupHeader()
-    n = min(len(raw), ctypes.sizeof(SetupHeader))
-    ctypes.memmove(ctypes.addressof(hdr), raw, n)
-    return hdr
+    size = ctypes.sizeof(SetupHeader)
+    return SetupHeader.from_buffer_copy(bytes(raw[:size]).ljust(size, b"\0"))
 
 
 def fill_e820(params: BootParams, memory_map: list[MemoryRange]) -> None:
