@@ -28,23 +28,13 @@ class Bus:
     def add_port_device(self, base: int, length: int, device) -> None:
         if not (0 <= base and length > 0 and base + length <= 0x10000):
             raise UsageError(f"port range [{base:#x}, {base + length:#x}) is outside 0..0xffff")
-        for b, n, other in self._port_ranges:
-            if base < b + n and b < base + length:
-                raise UsageError(
-                    f"{_name(device)} at ports [{base:#x}, {base + length:#x}) overlaps "
-                    f"{_name(other)} at [{b:#x}, {b + n:#x})"
-                )
+        _refuse_overlap(self._port_ranges, "ports", base, length, device)
         self._port_ranges.append((base, length, device))
         for port in range(base, base + length):
             self._ports[port] = (device, base)
 
     def add_mmio_device(self, base: int, length: int, device) -> None:
-        for b, n, other in self._mmio:
-            if base < b + n and b < base + length:
-                raise UsageError(
-                    f"{_name(device)} at MMIO [{base:#x}, {base + length:#x}) overlaps "
-                    f"{_name(other)} at [{b:#x}, {b + n:#x})"
-                )
+        _refuse_overlap(self._mmio, "MMIO", base, length, device)
         self._mmio.append((base, length, device))
 
     def port_device(self, port: int):
@@ -80,6 +70,15 @@ class Bus:
                 device.write(addr - base, size, value)
                 return
         self.unhandled_mmio_writes += 1
+
+
+def _refuse_overlap(ranges, space: str, base: int, length: int, device) -> None:
+    for b, n, other in ranges:
+        if base < b + n and b < base + length:
+            raise UsageError(
+                f"{_name(device)} at {space} [{base:#x}, {base + length:#x}) overlaps "
+                f"{_name(other)} at [{b:#x}, {b + n:#x})"
+            )
 
 
 def _name(device) -> str:
