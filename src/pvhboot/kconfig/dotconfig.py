@@ -4,8 +4,8 @@ kernel built with ``CONFIG_IKCONFIG=y`` carries inside itself.
 A ``.config`` is recognised by content, not by name: people pass
 ``/boot/config-6.1.0-amd64`` as often as ``.config``. Anything that is not
 text with ``CONFIG_`` lines is treated as a kernel image and handed to
-:func:`pvhboot.image.kernel.open_image`; until that module exists, raw ELF
-images are scanned for the IKCONFIG markers here.
+:func:`pvhboot.image.kernel.open_image`; other binaries are scanned for the
+IKCONFIG markers with :mod:`pvhboot.image.ikconfig`.
 """
 
 from __future__ import annotations
@@ -13,20 +13,15 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import zlib
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError, ImageError
+from ..errors import ConfigError
 
 # Larger than any real .config (Debian's is ~270 KiB) by a wide margin, and
 # small enough that reading a wrongly-passed file as text costs nothing.
 MAX_CONFIG_BYTES = 16 << 20
 # How much of a file decides "text or binary".
 SNIFF_BYTES = 64 << 10
-# kernel/configs.c wraps the gzip'ed .config in these two markers
-# (scripts/extract-ikconfig searches for the same bytes).
-IKCFG_START = b"IKCFG_ST"
-IKCFG_END = b"IKCFG_ED"
 
 _SET = re.compile(r"^CONFIG_([A-Za-z0-9_]+)=(.*)$")
 _UNSET = re.compile(r"^# CONFIG_([A-Za-z0-9_]+) is not set\s*$")
@@ -170,76 +165,19 @@ def config_from_image(path: str, head: bytes | None = None) -> str:
 
 
 def _config_via_image_reader(path: str) -> str | None:
-    try:
-        from ..image.kernel import open_image
-    except ImportError:
-        # The image reader is not in this tree yet: raw images only.
-        return _scan_ikconfig(path)
-    img = open_image(path)
-    try:
-        return img.config_text()
-    except ImageError:
-        # A compressed payload can hold a garbled copy of the markers (zstd
-        # keeps literals), which the reader may take for the config; the real
-        # one is in the decompressed vmlinux, so look there before giving up.
-        text = _config_from_payload(path, img)
-        if text is None:
-            raise
-        return text
+    from ..image.kernel import open_image
 
-
-# Far above a distribution vmlinux (~60 MiB); bounds a corrupt stream.
-MAX_PAYLOAD_BYTES = 1 << 30
-
-
-def _config_from_payload(path: str, img) -> str | None:
-    bz = getattr(img, "bzimage", None)
-    if bz is None or not bz.codec:
-        return None
-    from ..image.compression import decompress_bytes
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        if bz.payload_offset + bz.payload_length > len(data):
-            return None
-        payload = data[bz.payload_offset : bz.payload_offset + bz.payload_length]
-    vmlinux = decompress_bytes(bz.codec, payload, max_output=MAX_PAYLOAD_BYTES)
-    return _find_ikconfig(vmlinux)
-
-
-# The gzip'ed config is ~40 KiB for a distribution kernel; 8 MiB of text is
-# far beyond any real .config and bounds what a corrupt stream can cost.
-MAX_IKCONFIG_TEXT = 8 << 20
+    return open_image(path).config_text()
 
 
 def _scan_ikconfig(path: str) -> str | None:
-    """Find IKCFG_ST <gzip> IKCFG_ED in an uncompressed image and inflate it."""
+    """The IKCONFIG text of a file we do not recognise (markers searched raw)."""
+    from ..image.ikconfig import find_config
+
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _find_ikconfig(data)
-
-
-def _find_ikconfig(data) -> str | None:
-    """The first IKCFG_ST..IKCFG_ED pair that inflates; garbled copies are skipped."""
-    start = data.find(IKCFG_START)
-    while start >= 0:
-        text = _inflate_at(data, start + len(IKCFG_START))
-        if text is not None:
-            return text
-        start = data.find(IKCFG_START, start + 1)
-    return None
-
-
-def _inflate_at(data, offset: int) -> str | None:
-    end = data.find(IKCFG_END, offset)
-    if end < 0:
-        return None
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip wrapper
-    try:
-        out = inflater.decompress(data[offset:end], MAX_IKCONFIG_TEXT)
-    except zlib.error:
-        return None
-    if inflater.unconsumed_tail or not inflater.eof:
-        return None  # truncated, or larger than any real config: not ours
-    return out.decode("utf-8", errors="replace")
+            # Garbled marker copies are skipped, not errors: the file is not a
+            # kernel image we know, so a stray marker proves nothing.
+            return find_config(data, strict=False)
