@@ -204,6 +204,31 @@ def decompress_cli(codec: str, data: bytes) -> bytes:
     return proc.stdout
 
 
+# ------------------------------------------------------------- fuzzing ----
+
+
+def apply_mutation(data: bytes, mutation) -> bytes:
+    """``data`` with a hypothesis mutation applied: (patches, cut fraction or None, tail).
+
+    Patches are (offset, bytes), the offset taken modulo the length; the cut
+    truncates to that fraction of the length; the tail is appended.
+    """
+    patches, cut, tail = mutation
+    buf = bytearray(data)
+    for off, chunk in patches:
+        off %= len(buf)
+        buf[off : off + len(chunk)] = chunk
+    if cut is not None:
+        del buf[int(len(buf) * cut):]
+    return bytes(buf) + tail
+
+
+@pytest.fixture(scope="session")
+def mutate():
+    """apply_mutation, for the fuzz tests (shared by test_parsers_fuzz and test_stream_fuzz)."""
+    return apply_mutation
+
+
 @pytest.fixture(scope="session")
 def make_elf():
     return build_elf

@@ -46,17 +46,6 @@ def mutations():
                      st.binary(max_size=16))
 
 
-def mutate(data: bytes, mutation) -> bytes:
-    patches, cut, tail = mutation
-    buf = bytearray(data)
-    for off, chunk in patches:
-        off %= len(buf)
-        buf[off : off + len(chunk)] = chunk
-    if cut is not None:
-        del buf[int(len(buf) * cut):]
-    return bytes(buf) + tail
-
-
 def only_image_errors(fn, data):
     try:
         fn(data)
@@ -66,19 +55,19 @@ def only_image_errors(fn, data):
 
 @FUZZ
 @given(mutation=mutations())
-def test_parse_elf(seeds, mutation):
+def test_parse_elf(seeds, mutate, mutation):
     only_image_errors(parse_elf, mutate(seeds["elf"], mutation))
 
 
 @FUZZ
 @given(mutation=mutations())
-def test_parse_bzimage(seeds, mutation):
+def test_parse_bzimage(seeds, mutate, mutation):
     only_image_errors(parse_bzimage, mutate(seeds["bzimage"], mutation))
 
 
 @FUZZ
 @given(mutation=mutations(), which=st.sampled_from(["elf", "bzimage"]))
-def test_open_image(seeds, mutation, which):
+def test_open_image(seeds, mutate, mutation, which):
     def full(data):
         img = image_from_buffer(data)
         img.to_json()  # includes the config search

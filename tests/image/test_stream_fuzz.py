@@ -69,17 +69,6 @@ def mutations(head: int = 256):
                      st.binary(max_size=16))
 
 
-def mutate(data: bytes, mutation) -> bytes:
-    patches, cut, tail = mutation
-    buf = bytearray(data)
-    for off, chunk in patches:
-        off %= len(buf)
-        buf[off : off + len(chunk)] = chunk
-    if cut is not None:
-        del buf[int(len(buf) * cut):]
-    return bytes(buf) + tail
-
-
 def only_pvhboot_errors(fn, *args, allowed=PvhbootError):
     try:
         return fn(*args)
@@ -109,28 +98,28 @@ def test_seeds_round_trip(streams, codec):
 
 @FUZZ
 @given(mutation=mutations(), public=st.booleans())
-def test_lz4_legacy(streams, mutation, public):
+def test_lz4_legacy(streams, mutate, mutation, public):
     run = run_public if public else run_framer
     only_pvhboot_errors(run, "lz4", mutate(streams["lz4"], mutation), allowed=CodecError)
 
 
 @FUZZ
 @given(mutation=mutations(), public=st.booleans())
-def test_lzop_container(streams, mutation, public):
+def test_lzop_container(streams, mutate, mutation, public):
     run = run_public if public else run_framer
     only_pvhboot_errors(run, "lzo", mutate(streams["lzo"], mutation), allowed=CodecError)
 
 
 @FUZZ
 @given(mutation=mutations(), public=st.booleans())
-def test_zstd(streams, mutation, public):
+def test_zstd(streams, mutate, mutation, public):
     run = run_public if public else run_framer
     only_pvhboot_errors(run, "zstd", mutate(streams["zstd"], mutation), allowed=CodecError)
 
 
 @FUZZ
 @given(mutation=mutations(head=64))
-def test_zstd_block_walker(streams, mutation):
+def test_zstd_block_walker(streams, mutate, mutation):
     """The frame walker alone: an end inside the data, or a CodecError."""
     data = mutate(streams["zstd"], mutation)
     end = only_pvhboot_errors(compression._zstd_frame_end, memoryview(data), allowed=CodecError)
@@ -140,7 +129,7 @@ def test_zstd_block_walker(streams, mutation):
 
 @FUZZ
 @given(mutation=mutations(head=64))
-def test_lzop_header(streams, mutation):
+def test_lzop_header(streams, mutate, mutation):
     data = mutate(streams["lzo"], mutation)
     reader = compression._Reader(memoryview(data), 0, "lzo")
     only_pvhboot_errors(compression._lzop_header, reader, allowed=CodecError)
@@ -166,7 +155,7 @@ def pe_seed(make_bzimage):
 
 @FUZZ
 @given(mutation=mutations(head=0x100))
-def test_parse_pe(pe_seed, mutation):
+def test_parse_pe(pe_seed, mutate, mutation):
     info = only_pvhboot_errors(parse_pe, mutate(pe_seed, mutation), allowed=ImageError)
     if info is not None:
         assert info.sections >= 0
@@ -189,7 +178,7 @@ def config_seed():
 
 @FUZZ
 @given(mutation=mutations(head=160), strict=st.booleans())
-def test_find_config(config_seed, mutation, strict):
+def test_find_config(config_seed, mutate, mutation, strict):
     blob, text = config_seed
     if mutation == ([], None, b""):
         assert find_config(blob, strict=strict) == text
