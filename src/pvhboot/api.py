@@ -165,12 +165,8 @@ class Machine:
         return self.quirks
 
     def effective_cmdline(self) -> str:
-        quirks = self._host_quirks()
-        cmdline = self.cmdline.strip()
-        suffix = (quirks.cmdline_suffix or "").strip() if quirks is not None else ""
-        if not suffix or "clearcpuid=" in cmdline:
-            return cmdline  # the user's own clearcpuid= wins (quirks.apply_cmdline)
-        return " ".join(p for p in (cmdline, suffix) if p)
+        # The host-quirks suffix, unless the user's own clearcpuid= wins.
+        return self._host_quirks().apply_cmdline(self.cmdline.strip())
 
     def prepare(self):
         """Choose the boot path and plan it (boot.prepare.prepare_boot); cached."""
@@ -223,7 +219,7 @@ class Machine:
             prepared = self.prepare()
             lines = []
             if not self.quiet:
-                line = quirks.announce() if quirks is not None else None
+                line = quirks.announce()
                 if line:
                     lines.append(line)
                 if getattr(prepared, "message", ""):

@@ -137,10 +137,6 @@ class HostQuirks:
             "--no-host-quirks turns them off"
         )
 
-    def summary(self) -> str:
-        """'int3 x2, wait x1' for the end-of-run report; '' when nothing was handled."""
-        return ", ".join(f"{k} x{n}" for k, n in sorted(self.counts.items()))
-
     # --- emulation failures ------------------------------------------------------
 
     def handle_internal_error(self, vcpu, mem) -> str | None:
