@@ -95,9 +95,6 @@ def small_elf_without_pvh() -> bytes:
     return ehdr + phdr + code
 
 
-
-
-
 def assemble_probe(out: Path) -> bytes:
     """probe.S assembled with gcc and linked flat (position independent) with ld."""
     obj, elf, binary = out / "probe.o", out / "probe.elf", out / "probe.bin"

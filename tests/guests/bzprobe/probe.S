@@ -51,6 +51,14 @@
 
 #define HDRS            0x53726448
 
+/* or_fail jcc, msg: unless the flags satisfy jcc, report msg through fail */
+.macro  or_fail jcc, msg
+        \jcc    1f
+        lea     \msg(%rip), %rdi
+        call    fail
+1:
+.endm
+
         .code64
         .text
         .globl  _start
@@ -71,64 +79,37 @@ startup_64:
         pushfq
         pop     %rax
         test    $RFLAGS_IF, %eax
-        jz      1f
-        lea     msg_if(%rip), %rdi
-        call    fail
-1:
+        or_fail jz, msg_if
         mov     $MSR_EFER, %ecx
         rdmsr
         test    $EFER_LMA, %eax
-        jnz     1f
-        lea     msg_lma(%rip), %rdi
-        call    fail
-1:
+        or_fail jnz, msg_lma
         mov     %cr0, %rax
         mov     $(CR0_PE | CR0_PG), %ecx
         and     %rcx, %rax
         cmp     %rcx, %rax
-        je      1f
-        lea     msg_cr0(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_cr0
         mov     %cr4, %rax
         test    $CR4_PAE, %eax
-        jnz     1f
-        lea     msg_cr4(%rip), %rdi
-        call    fail
-1:
+        or_fail jnz, msg_cr4
         mov     %cs, %ax
         cmp     $0x10, %ax
-        je      1f
-        lea     msg_cs(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_cs
         mov     %ds, %ax
         cmp     $0x18, %ax
-        je      1f
-        lea     msg_ds(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_ds
         mov     %es, %ax
         cmp     $0x18, %ax
-        je      1f
-        lea     msg_es(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_es
         mov     %ss, %ax
         cmp     $0x18, %ax
-        je      1f
-        lea     msg_ss(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_ss
         /* entered at load address + 0x200 */
         lea     startup_64(%rip), %rax
         mov     EX_LOAD_ADDR(%r13), %rcx
         add     $0x200, %rcx
         cmp     %rcx, %rax
-        je      1f
-        lea     msg_rip(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_rip
         cmp     EX_ZERO_PAGE(%r13), %r15
         je      1f
         lea     msg_rsi(%rip), %rdi
@@ -137,32 +118,17 @@ startup_64:
 1:
         /* --- boot_params --------------------------------------------- */
         cmpl    $HDRS, BP_HEADER(%r15)
-        je      1f
-        lea     msg_hdrs(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_hdrs
         movzwl  BP_VERSION(%r15), %eax
         cmp     EX_VERSION(%r13), %eax
-        je      1f
-        lea     msg_version(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_version
         movl    BP_INIT_SIZE(%r15), %eax
         cmp     EX_INIT_SIZE(%r13), %rax
-        je      1f
-        lea     msg_init_size(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_init_size
         cmpb    $0xff, BP_TYPE_OF_LOADER(%r15)
-        je      1f
-        lea     msg_loader(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_loader
         testb   $1, BP_LOADFLAGS(%r15)  /* LOADED_HIGH */
-        jnz     1f
-        lea     msg_loadflags(%rip), %rdi
-        call    fail
-1:
+        or_fail jnz, msg_loadflags
         /* command line: (ext_cmd_line_ptr << 32) | cmd_line_ptr */
         movl    BP_EXT_CMD_LINE_PTR(%r15), %eax
         shl     $32, %rax
@@ -194,10 +160,7 @@ startup_64:
         lea     BP_E820_TABLE(%r15), %rsi
         lea     EX_E820(%r13), %rdi
         repe cmpsb
-        je      1f
-        lea     msg_e820(%rip), %rdi
-        call    fail
-1:
+        or_fail je, msg_e820
         /* ramdisk: size, placement outside the init_size window, content */
         movl    BP_RAMDISK_SIZE(%r15), %eax
         movl    BP_EXT_RAMDISK_SIZE(%r15), %ecx
