@@ -146,14 +146,10 @@ def _locate(mm, image: str):
     from ..image.bzimage import is_bzimage, is_pe, parse_bzimage
 
     if is_bzimage(mm):
+        from ..image.kernel import payload_view
+
         bz = parse_bzimage(mm, what=image)
-        if not bz.payload_length:
-            raise ImageError(f"{image}: the setup header declares no payload "
-                             f"(boot protocol {bz.protocol_str}; 2.08+ needed)")
-        if bz.codec is None:
-            head = mm[bz.payload_offset : bz.payload_offset + 4].hex()
-            raise ImageError(f"{image}: payload at {bz.payload_offset:#x} starts with {head}, "
-                             "which is no codec Linux uses (gzip bzip2 lzma xz lzo lz4 zstd)")
+        payload_view(mm, bz, image).release()  # refuses a missing payload or unknown codec
         return "bzimage", bz.codec, bz.payload_offset, bz.payload_length
     if is_pe(mm):
         raise ImageError(f"{image} is a PE image without a Linux setup header; "

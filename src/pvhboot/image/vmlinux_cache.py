@@ -256,12 +256,13 @@ def _memo_store(directory: str, st, sha: str) -> None:
 
 def _locate(mm, path: str):
     """(kind, codec, start, length): kind is 'elf', 'bzimage' or 'compressed-elf'."""
+    from .bzimage import is_bzimage
     from .compression import CODECS, detect_codec
 
     head = bytes(mm[:16])
     if head.startswith(ELF_MAGIC):
         return "elf", None, 0, len(mm)
-    if len(mm) >= 0x206 and bytes(mm[0x202:0x206]) == b"HdrS":
+    if is_bzimage(mm):
         start, length = _payload_range(mm, path)
         codec = detect_codec(mm[start : start + 16])
         if codec is None:
