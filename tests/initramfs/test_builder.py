@@ -95,6 +95,20 @@ def test_uncompressed(tmp_path):
         build_initramfs(tmp_path / "b", [("/init", b"x")], compression="lz4")
 
 
+
+def test_output_that_is_not_a_regular_file_is_refused(tmp_path):
+    # os.replace would turn a symlink (or a device node) into the archive and
+    # fail with a raw OSError on a directory: one UsageError instead.
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for out in (tmp_path, link):
+        with pytest.raises(UsageError, match="not a regular file"):
+            build_initramfs(out, [("/init", b"x", 0o755)])
+    assert link.is_symlink() and target.read_bytes() == b"keep"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
 @needs_cpio
 def test_module_cli(tmp_path):
     init = tmp_path / "myinit"

@@ -156,6 +156,7 @@ def build_initramfs(
     entries = initramfs_entries(files, symlinks=symlinks, directories=directories,
                                 console=console)
     out = Path(out)
+    _check_output(out)
     directory = out.parent if str(out.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=directory)
@@ -166,10 +167,26 @@ def build_initramfs(
             write_initramfs(f, entries, compression=compression)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise UsageError(f"initramfs: cannot write {out}: {e.strerror}") from e
         raise
     return out
+
+
+def _check_output(out: Path) -> None:
+    # The atomic rename would replace a device node or symlink with the
+    # archive (and fail on a directory): only a regular file may be replaced.
+    try:
+        st = out.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"initramfs: cannot check the output {out}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"initramfs: {out} exists and is not a regular file; "
+                         "give the path of a file to write")
