@@ -199,6 +199,14 @@ def _extract(path: str, use_cache: bool):
     return read_elf_file(cached.path), cached
 
 
+def _adopt_payload(img: KernelImage, elf) -> None:
+    """Record the extracted ELF on the header-only image, as open_image would have."""
+    img.elf = elf
+    img.pvh_capable = elf.pvh_entry is not None
+    img.entry_points.pvh = elf.pvh_entry
+    img.entry_points.xen_pv = elf.xen_pv_entry
+
+
 def _prepare_bzimage(
     img: KernelImage, path: str, boot: str, use_cache: bool, args: dict
 ) -> PreparedBoot:
@@ -235,12 +243,9 @@ def _prepare_bzimage(
             img,
         )
 
-    img.elf = elf
-    img.pvh_capable = elf.pvh_entry is not None
-    img.entry_points.pvh = elf.pvh_entry
+    _adopt_payload(img, elf)
     if elf.pvh_entry is not None:
         _check_elf(elf, cached.path, args["memory_size"])
-    if elf.pvh_entry is not None:
         from .pvh import plan_pvh
 
         plan = plan_pvh(elf, cached.path, **args)
@@ -269,8 +274,7 @@ def _prepare_compressed_elf(
 ) -> PreparedBoot:
     """A gzip/xz/zstd-wrapped vmlinux: extract it once (cached), then as an ELF."""
     elf, cached = _extract(path, use_cache)
-    img.elf = elf
-    img.pvh_capable = elf.pvh_entry is not None
+    _adopt_payload(img, elf)
     _check_elf(elf, path, args["memory_size"])
     how = "cached" if cached.hit else "extracted now"
     what = f"{img.compression}-compressed vmlinux" if img.compression else "compressed vmlinux"
