@@ -265,32 +265,6 @@ def _dump(vcpu) -> str:
         sregs = vcpu.get_sregs()
     except KvmError:
         return ""
-    try:
-        from .diagnose import register_dump
+    from .diagnose import register_dump
 
-        return register_dump(regs, sregs)
-    except Exception:
-        return register_dump_fallback(regs, sregs)
-
-
-def register_dump_fallback(regs, sregs) -> str:
-    """A plain register dump for when machine/diagnose is unavailable."""
-    names = "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15".split()
-    lines = []
-    for i in range(0, len(names), 4):
-        lines.append("  ".join(f"{n.upper():>3}={getattr(regs, n):016x}" for n in names[i : i + 4]))
-    lines.append(f"RIP={regs.rip:016x}  RFLAGS={regs.rflags:08x}")
-    lines.append(
-        f"CR0={sregs.cr0:08x}  CR2={sregs.cr2:016x}  CR3={sregs.cr3:016x}  "
-        f"CR4={sregs.cr4:08x}  EFER={sregs.efer:x}"
-    )
-    for name in ("cs", "ds", "ss", "tr"):
-        seg = getattr(sregs, name)
-        lines.append(
-            f"{name.upper()}={seg.selector:04x} base={seg.base:x} limit={seg.limit:x} "
-            f"type={seg.type:x} l={seg.l} db={seg.db}"
-        )
-    lines.append(
-        f"GDT={sregs.gdt.base:x}/{sregs.gdt.limit:x}  IDT={sregs.idt.base:x}/{sregs.idt.limit:x}"
-    )
-    return "\n".join(lines)
+    return register_dump(regs, sregs)
