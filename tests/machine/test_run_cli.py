@@ -11,25 +11,7 @@ import sys
 
 import pytest
 
-# Not `from conftest import ...`: another directory's conftest.py can shadow
-# tests/conftest.py under the module name "conftest" in a full run.
-_KVM = "/dev/kvm"
-requires_kvm = pytest.mark.skipif(
-    not (os.path.exists(_KVM) and os.access(_KVM, os.R_OK | os.W_OK)),
-    reason=f"{_KVM} is missing or not accessible: this test boots on real KVM",
-)
-
-
-def run_cli(*args, timeout: float = 600, input: bytes | None = None):
-    """``python -m pvhboot ARGS`` as a user runs it (same as tests/conftest.py's)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pvhboot", *map(str, args)],
-        capture_output=True,
-        timeout=timeout,
-        input=input if input is not None else b"",
-        check=False,
-    )
-
+from pvhtest import requires_kvm, run_cli
 
 needs_toolchain = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("ld") is None, reason="needs gcc and ld"
@@ -196,7 +178,6 @@ def test_timeout_fires_while_a_stdin_reader_runs(spin):
 
 
 def _run_on_pty(args: list[str], keys: bytes) -> tuple[int, bytes, bool]:
-    import os
     import pty
     import termios
     import time
@@ -272,7 +253,6 @@ def test_no_cache_temporary_is_removed_despite_the_fast_exit(hello, tmp_path):
     # A gzip-wrapped vmlinux with --no-cache is extracted to a temporary file
     # that atexit removes; the CLI's fast exit must still run that.
     import gzip
-    import os
 
     wrapped = tmp_path / "hello.elf.gz"
     wrapped.write_bytes(gzip.compress(open(hello, "rb").read()))
@@ -318,7 +298,6 @@ def test_signal_ends_the_run_cleanly_and_no_cache_temporary_is_gone(tmp_path, si
     # installed: the run path's own handlers must end the run (128+signal),
     # and the --no-cache temporary must be unlinked once the kernel is mapped.
     import gzip
-    import os
 
     probe = build_probe(tmp_path, SPIN_AFTER_READY, "ready")
     wrapped = tmp_path / "ready.elf.gz"

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import gzip
 import struct
-import subprocess
-import sys
 
 import pytest
 
 from pvhboot.api import Machine
 from pvhboot.errors import BootError
+from pvhtest import run_cli
 
 MIB = 1 << 20
-
-
-def run_cli(*args, timeout: float = 120):
-    return subprocess.run(
-        [sys.executable, "-m", "pvhboot", *map(str, args)],
-        capture_output=True, timeout=timeout, input=b"", check=False,
-    )  # fmt: skip
 
 
 def tiny_pvh_elf() -> bytes:
