@@ -5,18 +5,12 @@ ioctl wrapper reports it as a KvmError carrying errno and the ioctl name."""
 from __future__ import annotations
 
 import errno
-import os
 
 import pytest
 
 from pvhboot.errors import KvmError
 from pvhboot.kvm import ioctls as k
-
-_KVM = "/dev/kvm"
-requires_kvm = pytest.mark.skipif(
-    not (os.path.exists(_KVM) and os.access(_KVM, os.R_OK | os.W_OK)),
-    reason=f"{_KVM} is missing or not accessible",
-)
+from pvhtest import requires_kvm
 
 
 @requires_kvm

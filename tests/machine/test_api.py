@@ -7,7 +7,6 @@ tests exercise machine/ and api.py without any kernel image code.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 
@@ -17,14 +16,7 @@ from pvhboot.api import Machine, RunResult
 from pvhboot.boot.cpu_state import pvh_cpu_state
 from pvhboot.boot.layout import memory_map
 from pvhboot.boot.plan import BootPlan, Chunk
-
-# Not `from conftest import ...`: another directory's conftest.py can shadow
-# tests/conftest.py under the module name "conftest" in a full run.
-_KVM = "/dev/kvm"
-requires_kvm = pytest.mark.skipif(
-    not (os.path.exists(_KVM) and os.access(_KVM, os.R_OK | os.W_OK)),
-    reason=f"{_KVM} is missing or not accessible: this test boots on real KVM",
-)
+from pvhtest import requires_kvm
 
 pytestmark = [
     requires_kvm,

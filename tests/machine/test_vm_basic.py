@@ -11,14 +11,7 @@ from pvhboot.errors import KvmError
 from pvhboot.machine import vcpu as vcpu_mod
 from pvhboot.machine import vm as vm_mod
 from pvhboot.machine.memory import GuestMemory
-
-# Not `from conftest import ...`: another directory's conftest.py can shadow
-# tests/conftest.py under the module name "conftest" in a full run.
-_KVM = "/dev/kvm"
-requires_kvm = pytest.mark.skipif(
-    not (os.path.exists(_KVM) and os.access(_KVM, os.R_OK | os.W_OK)),
-    reason=f"{_KVM} is missing or not accessible: this test boots on real KVM",
-)
+from pvhtest import requires_kvm
 
 
 def test_missing_kvm_device_is_one_actionable_line(monkeypatch, tmp_path):
