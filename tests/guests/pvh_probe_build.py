@@ -9,38 +9,21 @@ against), compiles ``pvh_probe_entry.S`` and ``pvh_probe.c`` as freestanding
 picks the 4- or 8-byte descriptor of the "Xen" PVH note; ``elf_class=64``
 re-wraps the 32-bit image as an ELF64 file, as a Linux vmlinux is.
 
-``requires_kvm`` and ``run_cli`` are re-exported from ``tests/conftest.py``.
+``requires_kvm`` and ``run_cli`` are re-exported from ``tests/pvhtest.py``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from pvhtest import requires_kvm, run_cli  # noqa: F401  (re-exported for the tests)
+
 HERE = Path(__file__).resolve().parent
-
-
-def _root_conftest():
-    name = "_pvhboot_tests_root_conftest"  # shared with the other directories' conftests
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, HERE.parent / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-_root = _root_conftest()
-requires_kvm = _root.requires_kvm
-run_cli = _root.run_cli
-HAVE_KVM = _root.HAVE_KVM
 
 # The probe's exit codes (pvh_probe.c); the VMM reports (code << 1) | 1.
 PROBE_PASS = 0x31

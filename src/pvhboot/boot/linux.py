@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 
 from ..errors import BootError
+from ..image.elf import EM_X86_64
 from . import cpu_state, layout
 from .layout import FOUR_GIB, MIB, Layout, align_up, fmt_range, fmt_size
 from .pagetables import build_identity_tables, table_bytes_needed
@@ -285,7 +286,7 @@ def plan_linux_elf(
     memory_size: int,
 ) -> BootPlan:
     """Plan a 64-bit ELF vmlinux boot through its 64-bit entry (no PVH note needed)."""
-    if elf.elf_class != 64 or elf.machine != 62:
+    if elf.elf_class != 64 or elf.machine != EM_X86_64:
         raise BootError(
             f"{elf_path}: a {elf.elf_class}-bit ELF for machine {elf.machine} has no x86-64 "
             "entry; give an x86-64 vmlinux"

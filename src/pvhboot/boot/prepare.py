@@ -75,14 +75,11 @@ def _check_file(path: str, what: str) -> str:
     return path
 
 
-# ELF e_machine values a PC guest can run (System V gABI, "e_machine").
-EM_386 = 3
-EM_X86_64 = 62
+# Names of the ELF e_machine values (System V gABI) that a PC guest cannot run.
 _MACHINE_NAMES = {
     2: "SPARC", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390", 40: "ARM",
     50: "IA-64", 183: "AArch64", 243: "RISC-V", 258: "LoongArch",
 }
-PT_LOAD = 1
 
 
 def _check_elf(elf, path: str, memory_size: int) -> None:
@@ -92,6 +89,7 @@ def _check_elf(elf, path: str, memory_size: int) -> None:
     first so that a foreign ELF is named as such, and so that the advice for
     a kernel beyond RAM only suggests a --memory that exists and would work.
     """
+    from ..image.elf import EM_386, EM_X86_64
     from . import layout
 
     if elf.machine not in (EM_386, EM_X86_64):
@@ -100,7 +98,7 @@ def _check_elf(elf, path: str, memory_size: int) -> None:
             f"{path} is an ELF for machine {elf.machine} ({name}), not x86-64 or i386: "
             "give an x86 kernel"
         )
-    loads = [seg for seg in elf.segments if seg.type == PT_LOAD and seg.memsz > 0]
+    loads = [seg for seg in elf.load_segments if seg.memsz > 0]
     for i, seg in enumerate(loads):
         layout.check_region_possible(f"{path}: kernel segment {i}", seg.paddr, seg.memsz)
     if not loads:
