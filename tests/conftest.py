@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from pvhtest import (  # noqa: F401  (re-exported for older imports)
-    HAVE_GUEST_USERSPACE,
+# HAVE_KVM, requires_kvm and run_cli are not used here:
+# tests/guests/pvh_probe_build.py loads this file by path and reads them.
+from pvhtest import (  # noqa: F401
     HAVE_KVM,
-    KVM_PATH,
-    ROOT,
-    SCRIPTS,
     KernelFiles,
     debian_kernel_files,
-    requires_guest_userspace,
     requires_kvm,
     run_cli,
     test_kernel_files,

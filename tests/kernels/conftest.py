@@ -2,10 +2,9 @@
 project's own initramfs around it, and a helper that boots a kernel through
 the Python API and reads the milestones off its console.
 
-This file shadows ``tests/conftest.py`` as the module named ``conftest`` for
-whatever pytest imports after it (pytest drops the previous one from
-``sys.modules``), so it re-exports that file's plain names: a
-``from conftest import requires_kvm`` keeps working in every directory.
+Shared helpers (markers, ``run_cli``, kernels) come from ``pvhtest``; this
+directory's tests import only this file's own names (``INIT_HELLO`` ...)
+through ``from conftest import``.
 """
 
 from __future__ import annotations
@@ -22,21 +21,6 @@ import pytest
 
 _HERE = Path(__file__).resolve().parent
 
-
-# The root helpers, re-exported: this file is the module named `conftest`
-# for the tests collected after it.
-from pvhtest import (  # noqa: E402, F401
-    HAVE_GUEST_USERSPACE,
-    HAVE_KVM,
-    KVM_PATH,
-    ROOT,
-    SCRIPTS,
-    KernelFiles,
-    debian_kernel_files,
-    requires_guest_userspace,
-    requires_kvm,
-    run_cli,
-)
 
 # A module that imports a `test_*` function gets it collected as a test, so
 # this directory's tests use the `small_kernel` fixture instead.
