@@ -302,13 +302,16 @@ def _sha256_hex(data: bytes) -> str:
     CPython's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before) is a
     cheap import and just as good for two 64 KiB spans.
     """
+    import sys
+
+    # Ask for the module this Python has: a failed import searches all of sys.path.
     try:
-        from _sha2 import sha256
-    except ImportError:
-        try:
+        if sys.version_info >= (3, 12):
+            from _sha2 import sha256
+        else:
             from _sha256 import sha256
-        except ImportError:
-            from hashlib import sha256
+    except ImportError:
+        from hashlib import sha256
     return sha256(data).hexdigest()
 
 
