@@ -93,29 +93,43 @@ def long_mode_gdt() -> bytes:
     return gdt.build_gdt([LONG_MODE_CODE, LONG_MODE_DATA, LONG_MODE_TSS], wide_system=True)
 
 
+def _flat_state(
+    *, code: Segment, data: Segment, tss: Segment, gdt_base: int, gdt_limit: int, **regs
+) -> CpuState:
+    """What both protocols share: interrupts off, flat code/data, a busy TSS, the reset LDT."""
+    return CpuState(
+        rflags=EFLAGS_RESERVED,
+        cs=code,
+        ds=data,
+        es=data,
+        fs=data,
+        gs=data,
+        ss=data,
+        tr=tss,
+        ldt=RESET_LDT,
+        gdt_base=gdt_base,
+        gdt_limit=gdt_limit,
+        **regs,
+    )
+
+
 def pvh_cpu_state(entry: int, start_info_addr: int, gdt_base: int, gdt_limit: int) -> CpuState:
     """Registers at the PVH entry point (pvh.pandoc, "Initial state").
 
     32-bit protected mode, paging off (CR0 = PE | ET), CR4 = 0, EFER = 0,
     flat CS/DS/ES/SS, busy 32-bit TSS in TR, EBX = start_info address.
     """
-    return CpuState(
+    return _flat_state(
+        code=PVH_CODE,
+        data=PVH_DATA,
+        tss=PVH_TSS,
+        gdt_base=gdt_base,
+        gdt_limit=gdt_limit,
         rip=entry,
-        rflags=EFLAGS_RESERVED,
         rbx=start_info_addr,
         cr0=CR0_PE | CR0_ET,
         cr4=0,
         efer=0,
-        cs=PVH_CODE,
-        ds=PVH_DATA,
-        es=PVH_DATA,
-        fs=PVH_DATA,
-        gs=PVH_DATA,
-        ss=PVH_DATA,
-        tr=PVH_TSS,
-        ldt=RESET_LDT,
-        gdt_base=gdt_base,
-        gdt_limit=gdt_limit,
     )
 
 
@@ -127,23 +141,17 @@ def long_mode_cpu_state(
     Long mode with paging on (CR0 = PE | PG | ET, CR4 = PAE, EFER = LME | LMA),
     CR3 = identity-mapping page tables, RSI = boot_params address.
     """
-    return CpuState(
+    return _flat_state(
+        code=LONG_MODE_CODE,
+        data=LONG_MODE_DATA,
+        tss=LONG_MODE_TSS,
+        gdt_base=gdt_base,
+        gdt_limit=gdt_limit,
         rip=entry,
-        rflags=EFLAGS_RESERVED,
         rsi=rsi,
         rsp=rsp,
         cr0=CR0_PE | CR0_ET | CR0_PG,
         cr3=cr3,
         cr4=CR4_PAE,
         efer=EFER_LME | EFER_LMA,
-        cs=LONG_MODE_CODE,
-        ds=LONG_MODE_DATA,
-        es=LONG_MODE_DATA,
-        fs=LONG_MODE_DATA,
-        gs=LONG_MODE_DATA,
-        ss=LONG_MODE_DATA,
-        tr=LONG_MODE_TSS,
-        ldt=RESET_LDT,
-        gdt_base=gdt_base,
-        gdt_limit=gdt_limit,
     )
