@@ -255,7 +255,7 @@ class Machine:
         """
 
         timeline = timeline or self._timeline()
-        console = _Console(self, timeline)
+        console = _Console(self)
         try:
             return _run(self, plan, timeline, console, quirks, announce, vmlinux, signals)
         finally:
@@ -267,19 +267,14 @@ class _Console:
 
     TAIL_MAX = 16384  # bytes of unfinished output kept for stop_on
 
-    def __init__(self, machine: Machine, timeline) -> None:
-        self.timeline = timeline
+    def __init__(self, machine: Machine) -> None:
         self.capture = bytearray() if machine.capture_console else None
         self.echo_fd = sys.stdout.fileno() if machine.echo_console else None
         self.log = open(machine.console_log, "wb") if machine.console_log else None  # noqa: SIM115
         self.stop_re = machine._stop_re
         self.tail = bytearray()  # the current and previous line, for stop_on
-        self.started = False
 
     def out(self, data: bytes) -> None:
-        if not self.started:
-            self.started = True
-            self.timeline.mark("first-serial-byte")
         if self.capture is not None:
             self.capture += data
         if self.echo_fd is not None:
@@ -449,7 +444,11 @@ def _make_bus(vm, console: _Console, timeline):
     from .machine.bus import Bus
 
     bus = Bus()
-    serial = Serial16550(vm.irq_line(SERIAL_IRQ), console.out)
+    serial = Serial16550(
+        vm.irq_line(SERIAL_IRQ),
+        console.out,
+        on_first_byte=lambda _t: timeline.mark("first-serial-byte"),
+    )
     bus.add_port_device(SERIAL_PORT, SERIAL_PORTS, serial)
     bus.add_port_device(I8042_PORT, I8042_PORTS, I8042())
     bus.add_port_device(DEBUG_EXIT_PORT, 1, DebugExit())

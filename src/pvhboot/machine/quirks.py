@@ -228,8 +228,7 @@ class HostQuirks:
         fpu.mxcsr = value
         vcpu.set_fpu(fpu)
         rip = regs.rip
-        regs.rip = rip + insn.size
-        vcpu.set_regs(regs)
+        self._skip(vcpu, regs, insn.size)
         return f"loaded MXCSR={value:#x} at {rip:#x}"
 
     # --- #BP delivery ------------------------------------------------------------
