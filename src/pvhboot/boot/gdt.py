@@ -17,7 +17,6 @@ import struct
 from ..errors import BootError
 from .plan import Segment
 
-DESCRIPTOR_SIZE = 8
 # With G=1 the 20-bit limit counts 4 KiB units and the CPU fills the low 12
 # bits of the byte limit with ones (SDM 3.4.5, "G flag").
 _PAGE_GRANULARITY_SHIFT = 12
@@ -29,8 +28,6 @@ TYPE_DATA_RW_ACCESSED = 0x3
 TYPE_CODE_XR_ACCESSED = 0xB
 TYPE_TSS_BUSY = 0xB  # 32-bit TSS (busy) / 64-bit TSS (busy) in long mode
 TYPE_LDT = 0x2
-
-NULL_SEGMENT_SELECTOR = 0
 
 
 def encode_descriptor(seg: Segment) -> int:
