@@ -27,6 +27,7 @@ decompressor's scratch space for a bzImage) do not run into it.
 
 from __future__ import annotations
 
+from .._record import FrozenRecord
 from ..errors import BootError
 from .plan import E820_RAM, E820_RESERVED, MemoryRange
 
@@ -170,31 +171,18 @@ def check_region_possible(name: str, addr: int, size: int) -> None:
         )
 
 
-class Region:
-    """A named piece of guest-physical memory the boot plan uses.
-
-    A plain class, not a dataclass: building a dataclass costs about a
-    millisecond at import, and this module is on every boot's path.
-    """
+class Region(FrozenRecord):
+    """A named piece of guest-physical memory the boot plan uses (a plain
+    record, not a dataclass: see _record.py)."""
 
     __slots__ = ("name", "addr", "size")
 
     def __init__(self, name: str, addr: int, size: int) -> None:
-        self.name = name
-        self.addr = addr
-        self.size = size
+        self._init(name, addr, size)
 
     @property
     def end(self) -> int:
         return self.addr + self.size
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Region):
-            return NotImplemented
-        return (self.name, self.addr, self.size) == (other.name, other.addr, other.size)
-
-    def __hash__(self) -> int:
-        return hash((self.name, self.addr, self.size))
 
     def __repr__(self) -> str:
         return f"Region({self.name!r}, {self.addr:#x}, {self.size:#x})"
