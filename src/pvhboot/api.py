@@ -270,7 +270,7 @@ class _Console:
     def __init__(self, machine: Machine) -> None:
         self.capture = bytearray() if machine.capture_console else None
         self.echo_fd = sys.stdout.fileno() if machine.echo_console else None
-        self.log = open(machine.console_log, "wb") if machine.console_log else None  # noqa: SIM115
+        self.log = _open_console_log(machine.console_log) if machine.console_log else None
         self.stop_re = machine._stop_re
         self.tail = bytearray()  # the current and previous line, for stop_on
 
@@ -655,6 +655,19 @@ class _SignalsStopping:
 
     def __exit__(self, *exc) -> None:
         self.signals.control = None
+
+
+def _open_console_log(path: str):
+    """The console log, opened for writing; else BootError, one line."""
+    from .errors import BootError
+
+    try:
+        return open(path, "wb")  # noqa: SIM115  (closed by _Console.close)
+    except OSError as exc:
+        raise BootError(
+            f"cannot write the console log {path}: {exc.strerror or exc}; "
+            "give a writable file path"
+        ) from None
 
 
 def _readable_file(path, what: str) -> str:
