@@ -19,7 +19,6 @@ lzallright are imported by the decoder that needs them.
 from __future__ import annotations
 
 import os
-import zlib
 
 from ..errors import CodecError
 
@@ -146,6 +145,8 @@ def _truncated(codec: str, detail: str = "") -> CodecError:
 
 
 def _gzip(mv: memoryview, sink: _Sink) -> None:
+    import zlib  # here: the headers-only boot path imports this module only for detect_codec
+
     # wbits = 16 + 15: gzip wrapper only (header, CRC32 and ISIZE checked).
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     pos, end = 0, len(mv)
@@ -376,6 +377,8 @@ class _Reader:
 
 def _lzop_header(r: _Reader) -> int:
     """Parse and check the lzop header; return its flags."""
+    import zlib
+
     if bytes(r.take(len(LZOP_MAGIC), "magic")) != LZOP_MAGIC:
         raise CodecError("lzo stream does not start with the lzop magic 89 4c 5a 4f")
     start = r.pos  # the header checksum covers everything from version on
@@ -412,6 +415,8 @@ def _lzop_header(r: _Reader) -> int:
 
 
 def _lzo(mv: memoryview, sink: _Sink) -> None:
+    import zlib
+
     from lzallright import LZOCompressor, LZOError
 
     decompress = LZOCompressor.decompress
