@@ -27,6 +27,8 @@ decompressor's scratch space for a bzImage) do not run into it.
 
 from __future__ import annotations
 
+import os
+
 from .._record import FrozenRecord
 from ..errors import BootError
 from .plan import E820_RAM, E820_RESERVED, MemoryRange
@@ -306,6 +308,14 @@ class Layout:
 
     def describe(self) -> list[str]:
         return [r.describe() for r in sorted(self.regions, key=lambda r: r.addr)]
+
+
+def file_size(path: str, what: str) -> int:
+    """Size of a file the plan maps (kernel, initrd); BootError (one line) if unreadable."""
+    try:
+        return os.stat(path).st_size
+    except OSError as exc:
+        raise BootError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
 def check_cmdline(cmdline: str, *, limit: int = CMDLINE_MAX_SIZE) -> bytes:

@@ -18,8 +18,6 @@ page ("64-bit Boot Protocol" in boot.rst). The e820 table comes from
 
 from __future__ import annotations
 
-import os
-
 from ..errors import BootError
 from ..image.elf import EM_X86_64
 from . import cpu_state, layout
@@ -103,13 +101,6 @@ def bzimage_load_address(bz: BzImageInfo) -> int:
     return base
 
 
-def _file_size(path: str, what: str) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError as exc:
-        raise BootError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
-
-
 def _place_initrd(
     lay: Layout, path: str, size: int, *, addr_max: int, above_4g_ok: bool
 ) -> int:
@@ -152,7 +143,7 @@ def _common_plan(
     chunks.append(Chunk(cmd_addr, len(cmd), cmd, "command line"))
 
     if initrd is not None:
-        size = _file_size(initrd, "initrd")
+        size = layout.file_size(initrd, "initrd")
         addr = _place_initrd(lay, initrd, size, addr_max=initrd_addr_max, above_4g_ok=above_4g_ok)
         hdr.ramdisk_image = addr & _LOW32
         hdr.ramdisk_size = size & _LOW32
@@ -296,7 +287,7 @@ def plan_linux_elf(
         raise BootError(f"{elf_path}: the ELF has no PT_LOAD segments: nothing to boot")
     lay = Layout(memory_size)
     chunks: list[Chunk] = []
-    file_size = _file_size(elf_path, "kernel")
+    file_size = layout.file_size(elf_path, "kernel")
     for i, seg in enumerate(loads):
         if seg.filesz > seg.memsz or seg.offset + seg.filesz > file_size:
             raise BootError(

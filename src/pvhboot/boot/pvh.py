@@ -9,7 +9,6 @@ specific to Xen: Linux's ``arch/x86/platform/pvh`` reads the same layout.
 from __future__ import annotations
 
 import ctypes
-import os
 
 from ..errors import BootError
 from . import layout
@@ -95,10 +94,7 @@ def plan_pvh(
 
     # Kernel: each PT_LOAD at p_paddr. The file bytes are mapped by the VMM;
     # memsz beyond filesz (.bss) is left to the zeroed guest RAM.
-    try:
-        file_size = os.path.getsize(elf_path)
-    except OSError as exc:
-        raise BootError(f"cannot read kernel {elf_path}: {exc.strerror}") from None
+    file_size = layout.file_size(elf_path, "kernel")
     segments = _segments(elf)
     if not segments:
         raise BootError(f"{elf_path} has no loadable (PT_LOAD) segment: it is not a kernel image")
@@ -151,10 +147,7 @@ def plan_pvh(
 
     modules = []
     if initrd is not None:
-        try:
-            initrd_size = os.path.getsize(initrd)
-        except OSError as exc:
-            raise BootError(f"cannot read initrd {initrd}: {exc.strerror}") from None
+        initrd_size = layout.file_size(initrd, "initrd")
         if initrd_size == 0:
             raise BootError(f"initrd {initrd} is empty: pass a cpio archive or leave --initrd out")
         region = lay.place_top("initrd", initrd_size, align=layout.INITRD_ALIGN)
