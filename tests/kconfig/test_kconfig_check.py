@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import pytest
 
@@ -184,6 +185,15 @@ def test_directory_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="directory"):
         read_config(str(tmp_path))
 
+
+
+def test_fifo_and_device_are_refused_without_reading(tmp_path):
+    # open() of a FIFO blocks until a writer comes: refused from its stat.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            read_config(path)
 
 def test_non_x86_config_says_so():
     text = make_config({"PVH": "n"}, header="# Linux/arm64 6.1.0 Kernel Configuration\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -104,8 +105,13 @@ def read_config(path: str) -> DotConfig:
     one line saying what to pass instead. OSError (missing, unreadable file)
     is left to the CLI, which prints it as one line.
     """
-    if os.path.isdir(path):
+    # Refuse before opening: open() of a FIFO blocks until a writer comes,
+    # and a device is never a config (/dev/zero would be read forever).
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"{path} is a directory: {NO_CONFIG_HINT}")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file: {NO_CONFIG_HINT}")
     with open(path, "rb") as f:
         head = f.read(SNIFF_BYTES)
         size = os.fstat(f.fileno()).st_size
@@ -141,11 +147,9 @@ def _is_kernel_image(head: bytes) -> bool:
     )
 
 
-def config_from_image(path: str, head: bytes | None = None) -> str:
-    """The IKCONFIG text of a kernel image; ConfigError when it has none."""
-    if head is None:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
+def config_from_image(path: str, head: bytes) -> str:
+    """The IKCONFIG text of a kernel image (``head``: its first bytes); ConfigError
+    when it has none."""
     if not _is_kernel_image(head):
         # Not an image we know; a raw scan still finds IKCONFIG in odd wrappers.
         text = _scan_ikconfig(path)
