@@ -19,8 +19,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from pvhtest import requires_kvm, run_cli  # noqa: F401  (re-exported for the tests)
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +144,3 @@ def build_probe(
 def have_toolchain() -> bool:
     return all(shutil.which(t) for t in ("gcc", "ld", "objcopy"))
 
-
-requires_toolchain = pytest.mark.skipif(
-    not have_toolchain(), reason="gcc, ld and objcopy build the probe guests"
-)
