@@ -143,4 +143,3 @@ def build_probe(
 
 def have_toolchain() -> bool:
     return all(shutil.which(t) for t in ("gcc", "ld", "objcopy"))
-
