@@ -115,7 +115,7 @@ def report_sections(img) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["e_entry", _hex(elf.entry)], ["entry (physical)", _hex(elf.entry_paddr)]]
         sections.append((title, ["field", "value"], rows))
         segs = [[_hex(s.paddr), _hex(s.vaddr), _hex(s.offset), _hex(s.filesz), _hex(s.memsz),
-                 "".join(c if s.flags & b else "-" for c, b in (("R", 4), ("W", 2), ("X", 1)))]
+                 s.flags_str]
                 for s in elf.load_segments]
         sections.append(("PT_LOAD segments",
                          ["paddr", "vaddr", "offset", "filesz", "memsz", "flags"], segs))

@@ -124,6 +124,11 @@ class ElfSegment(FrozenRecord):
     def is_load(self) -> bool:
         return self.type == PT_LOAD
 
+    @property
+    def flags_str(self) -> str:
+        """p_flags as readelf prints them, e.g. "R-X" (PF_R 4, PF_W 2, PF_X 1)."""
+        return "".join(c if self.flags & bit else "-" for c, bit in (("R", 4), ("W", 2), ("X", 1)))
+
 
 class ElfInfo(Record):
     """What pvhboot needs from an ELF's headers."""

@@ -177,7 +177,7 @@ class KernelImage(Record):
             },
             "load_segments": [] if elf is None else [
                 {"paddr": s.paddr, "vaddr": s.vaddr, "offset": s.offset,
-                 "filesz": s.filesz, "memsz": s.memsz, "flags": _pflags(s.flags)}
+                 "filesz": s.filesz, "memsz": s.memsz, "flags": s.flags_str}
                 for s in elf.segments if s.type == PT_LOAD
             ],
             "notes": [] if elf is None else [
@@ -205,10 +205,6 @@ class KernelImage(Record):
                 "is_pe": bz.is_pe,
             },
         }
-
-
-def _pflags(flags: int) -> str:
-    return "".join(c if flags & bit else "-" for c, bit in (("R", 4), ("W", 2), ("X", 1)))
 
 
 class _map:
