@@ -15,7 +15,7 @@ from pvhboot.boot.zeropage import (
     LOADED_HIGH,
     XLF_CAN_BE_LOADED_ABOVE_4G,
     XLF_KERNEL_64,
-    BootParams,
+    SetupHeader,
     e820_from_params,
 )
 from pvhboot.errors import BootError
@@ -47,8 +47,7 @@ class FakeBz:
 
     def __post_init__(self):
         if not self.setup_header:
-            params = BootParams()
-            h = params.hdr
+            h = SetupHeader()
             h.setup_sects = 31
             h.boot_flag = BOOT_FLAG_MAGIC
             h.header = HDRS_MAGIC
@@ -60,7 +59,7 @@ class FakeBz:
             h.cmdline_size = self.cmdline_size
             h.initrd_addr_max = self.initrd_addr_max
             h.loadflags = 0x01
-            self.setup_header = bytes(params)[0x1F1:0x26C]
+            self.setup_header = bytes(h)
 
 
 def _tables(plan) -> PageTables:

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from pvhboot.boot.prepare import prepare_boot
-from pvhboot.boot.zeropage import XLF_CAN_BE_LOADED_ABOVE_4G, XLF_KERNEL_64, BootParams
+from pvhboot.boot.zeropage import XLF_CAN_BE_LOADED_ABOVE_4G, XLF_KERNEL_64, SetupHeader
 from pvhboot.errors import BootError, UsageError
 
 MIB = 1 << 20
@@ -45,8 +45,7 @@ def make_bzimage(payload_elf: bytes, *, protocol: int = 0x20F, version: str = "6
     payload = gzip.compress(payload_elf, mtime=0)
     pm = stub + payload
     pm += bytes(-len(pm) % 16)
-    params = BootParams()
-    h = params.hdr
+    h = SetupHeader()
     h.setup_sects = setup_sects
     h.syssize = len(pm) // 16
     h.boot_flag = 0xAA55
@@ -65,7 +64,7 @@ def make_bzimage(payload_elf: bytes, *, protocol: int = 0x20F, version: str = "6
     h.pref_address = 0x1000000
     h.init_size = 0x400000
     setup = bytearray(pm_offset)
-    setup[0x1F1:0x26C] = bytes(params)[0x1F1:0x26C]
+    setup[0x1F1:0x26C] = bytes(h)
     ver = f"{version} (test@pvhboot) #1".encode() + b"\0"
     setup[0x600 : 0x600 + len(ver)] = ver
     return bytes(setup) + pm
