@@ -83,10 +83,6 @@ def char_device(path: str, major: int, minor: int, mode: int = 0o600) -> Entry:
     return Entry(path, stat.S_IFCHR | (mode & 0o7777), rdev=(major, minor))
 
 
-def block_device(path: str, major: int, minor: int, mode: int = 0o600) -> Entry:
-    return Entry(path, stat.S_IFBLK | (mode & 0o7777), rdev=(major, minor))
-
-
 class CpioWriter:
     """Streams newc entries to a binary file object.
 

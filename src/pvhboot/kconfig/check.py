@@ -212,10 +212,6 @@ class ConfigReport:
         return [o for o in self.options if o.level == REQUIRED and not o.ok]
 
     @property
-    def helpful_missing(self) -> list[OptionStatus]:
-        return [o for o in self.options if o.level == HELPFUL and not o.ok]
-
-    @property
     def exit_status(self) -> int:
         if not self.pvh.ok:
             return EXIT_NO_PVH

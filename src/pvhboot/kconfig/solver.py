@@ -519,14 +519,3 @@ def _merge(a, b):
             return None
         out[index[sym]] = (sym, max(old, val))
     return out
-
-
-def solve_for_config(srctree: str, config_text: str, goal_sets: dict[str, list[tuple[str, str]]]):
-    """Load the tree once and solve each named goal set against ``config_text``.
-
-    Returns ``(solutions: dict[name, Solution], tree_version: str)``.
-    """
-    kconf = load_kconfig(srctree)
-    with Solver(kconf, config_text) as solver:
-        solutions = {name: solver.solve(goals) for name, goals in goal_sets.items()}
-    return solutions, kernel_version(srctree)
