@@ -54,33 +54,20 @@ def run(args) -> int:
 
 def extract(image: str, out: str, *, force: bool = False) -> dict:
     """Write the ELF held by ``image`` to ``out``; returns {format, codec, size}."""
-    import mmap
-
-    from ..errors import ImageError, PvhbootError
+    from ..errors import PvhbootError
+    from ..image.kernel import map_image, release_quietly
 
     if _check_output(out) and not force:
         raise PvhbootError(f"{out} already exists; pass --force to overwrite it")
-    with open(image, "rb") as f:
-        try:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise ImageError(f"{image}: the file is empty; not a kernel image") from None
-    try:
+    # map_image refuses an empty file, a directory, a FIFO (whose open would block)...
+    with map_image(image) as mm:
         fmt, codec, start, length = _locate(mm, image)
         view = memoryview(mm)[start : start + length]
         try:
             size = _write_atomically(out, force, lambda fobj: _emit(codec, view, fobj), image,
                                      codec)
         finally:
-            try:
-                view.release()
-            except BufferError:  # the decoder's traceback still holds a slice of it
-                pass
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # as above: the mapping goes with the last view
-            pass
+            release_quietly(view)  # the decoder's traceback may still hold a slice of it
     if fmt == "elf":
         print(f"pvhboot: {image} is already an uncompressed ELF; copied it unchanged to {out}",
               file=sys.stderr)

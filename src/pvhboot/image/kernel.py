@@ -123,7 +123,7 @@ class KernelImage(Record):
             if self._raw is not None:
                 text = find_config(self._raw, strict=False)
             else:
-                with _map(self.path) as mm:
+                with map_image(self.path) as mm:
                     text = find_config(mm, strict=False)
             if text is None and self._payload is not None:
                 text = find_config(self._payload, strict=False)
@@ -207,7 +207,7 @@ class KernelImage(Record):
         }
 
 
-class _map:
+class map_image:
     """Read-only mmap of a file as a context manager; ImageError for an empty file."""
 
     def __init__(self, path: str):
@@ -257,7 +257,7 @@ def _require_regular(path: str, st: os.stat_result) -> None:
                      "bzImage or compressed kernel file")
 
 
-def _release(view) -> None:
+def release_quietly(view) -> None:
     try:
         view.release()
     except BufferError:  # see close_quietly
@@ -284,7 +284,7 @@ def open_image(path, *, load_payload: bool = True) -> KernelImage:
     payload ELF (elf, pvh entry, pvh_capable) stays unknown (None).
     """
     path = str(path)
-    with _map(path) as mm:
+    with map_image(path) as mm:
         return image_from_buffer(mm, path, load_payload=load_payload, _keep_raw=False)
 
 
@@ -440,7 +440,7 @@ def _decompress_elf(codec: str, data, start: int, length: int, what: str) -> byt
     try:
         decompress_to(codec, view, out, max_output=MAX_PAYLOAD)
     finally:
-        _release(view)
+        release_quietly(view)
     if out.head != ELF_MAGIC:
         raise ImageError(_not_elf(what))
     return out.value()
