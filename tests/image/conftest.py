@@ -8,8 +8,8 @@
   scripts/Makefile.lib, plus Linux's 4-byte size trailer.
 
 The builders are fixtures (test modules cannot import a shared module here).
-This file shadows ``tests/conftest.py`` as the module ``conftest`` (see
-tests/kernels/conftest.py), so it re-exports that file's plain names.
+Tests take the root helpers from ``pvhtest`` (tests/pvhtest.py), not from a
+``conftest`` module, so this file re-exports none of them.
 """
 
 from __future__ import annotations
@@ -17,27 +17,10 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-
-
-# The root helpers, re-exported: this file is the module named `conftest`
-# for the tests collected after it.
-from pvhtest import (  # noqa: E402, F401
-    HAVE_GUEST_USERSPACE,
-    HAVE_KVM,
-    KVM_PATH,
-    ROOT,
-    SCRIPTS,
-    KernelFiles,
-    debian_kernel_files,
-    requires_guest_userspace,
-    requires_kvm,
-    run_cli,
-)
+from pvhtest import run_cli
 
 # ---------------------------------------------------------------- ELF ----
 
