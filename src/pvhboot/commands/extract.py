@@ -103,29 +103,15 @@ _KINDS = {
 }
 
 
-def _elf_problem(data, image: str) -> str | None:
-    """Why ``data`` is not a valid ELF (parse_elf's reason), or None when it is."""
-    from ..errors import ImageError
-    from ..image.elf import parse_elf
-
-    tag = "\0elf"  # a prefix no file name has, stripped from parse_elf's message
-    try:
-        parse_elf(data, what=tag)
-    except ImageError as exc:
-        reason = str(exc)
-        return reason[len(tag) + 2:] if reason.startswith(tag + ": ") else reason
-    except (ValueError, IndexError, OverflowError, TypeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def _locate(mm, image: str):
     """(format, codec or None, start, length) of the bytes to decompress or copy."""
     # Only the readers this file needs: a plain ELF is copied without any.
     from ..errors import ImageError
 
     if mm[:4] == ELF_MAGIC:
-        problem = _elf_problem(mm, image)
+        from ..image.elf import elf_problem
+
+        problem = elf_problem(mm)
         if problem:
             raise ImageError(f"{image}: starts like an ELF but is not a valid one: {problem}; "
                              "nothing was written")
@@ -179,7 +165,9 @@ def _write_atomically(out: str, force: bool, produce, image: str, codec) -> int:
         with open(fd, "wb", buffering=0, closefd=True) as fobj:
             size = produce(fobj)
             if codec is not None:
-                problem = _mapped_elf_problem(fobj.fileno(), image)
+                from ..image.elf import elf_file_problem
+
+                problem = elf_file_problem(fobj.fileno())
                 if problem:
                     raise ImageError(f"{image}: the decompressed payload is not a valid ELF: "
                                      f"{problem}; nothing was written")
@@ -211,19 +199,3 @@ def _write_atomically(out: str, force: bool, produce, image: str, codec) -> int:
         except FileNotFoundError:
             pass
         raise
-
-
-def _mapped_elf_problem(fd: int, image: str) -> str | None:
-    import mmap
-
-    try:
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    except ValueError:
-        return "it is empty"
-    try:
-        return _elf_problem(mm, image)
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a traceback still holds a slice; it goes with it
-            pass

@@ -289,3 +289,37 @@ def read_elf_file(path: str) -> ElfInfo:
             raise ImageError(f"{path}: empty file; not an ELF") from exc
         with mm:
             return parse_elf(mm, what=path)
+
+
+def elf_problem(data) -> str | None:
+    """Why ``data`` is not a valid ELF (parse_elf's reason, without a file name), or None.
+
+    Used on a decompressed payload before anyone is handed it, so the caller
+    can name the image instead of a temporary file.
+    """
+    tag = "\0elf"  # a prefix no path has, stripped from parse_elf's message
+    try:
+        parse_elf(data, what=tag)
+    except ImageError as exc:
+        reason = str(exc)
+        return reason[len(tag) + 2:] if reason.startswith(tag + ": ") else reason
+    except (ValueError, IndexError, OverflowError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def elf_file_problem(fd: int) -> str | None:
+    """elf_problem of the file open at ``fd`` (mapped, not read)."""
+    import mmap
+
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except ValueError:
+        return "it is empty"
+    try:
+        return elf_problem(mm)
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # a traceback still holds a slice; it goes with it
+            pass

@@ -471,43 +471,14 @@ def _decompress_file(mm, path, codec, start, length, fd: int, tmp: str, durable=
             f"{path}: the {codec} payload does not decompress to an ELF (it starts with "
             f"{head.hex() or 'nothing'}); not a Linux kernel payload"
         )
-    problem = _elf_problem(fd)
+    from .elf import elf_file_problem
+
+    problem = elf_file_problem(fd)
     if problem:
         raise ImageError(f"{path}: its {codec} payload is not a valid ELF: {problem}; "
                          "the image is corrupt or not a Linux kernel")
     if durable:
         os.fsync(fd)
-
-
-def _elf_problem(fd: int) -> str | None:
-    """Why the file open at ``fd`` is not a valid ELF (parse_elf's reason), or None.
-
-    Checked on the decompressed file before it becomes a cache entry or is
-    handed out, so nothing downstream ever sees a truncated or corrupt ELF
-    (and no message names the temporary file: the caller names the image).
-    """
-    import mmap
-
-    from .elf import parse_elf
-
-    try:
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    except ValueError:
-        return "it is empty"
-    tag = "\0elf"  # a prefix no path has, stripped from parse_elf's message
-    try:
-        parse_elf(mm, what=tag)
-    except ImageError as exc:
-        reason = str(exc)
-        return reason[len(tag) + 2:] if reason.startswith(tag + ": ") else reason
-    except (ValueError, IndexError, OverflowError, TypeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        try:
-            mm.close()
-        except BufferError:  # a traceback still holds a slice; it goes with it
-            pass
-    return None
 
 
 def _single_threaded() -> bool:
