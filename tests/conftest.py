@@ -5,16 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-# HAVE_KVM, requires_kvm and run_cli are not used here:
-# tests/guests/pvh_probe_build.py loads this file by path and reads them.
-from pvhtest import (  # noqa: F401
-    HAVE_KVM,
-    KernelFiles,
-    debian_kernel_files,
-    requires_kvm,
-    run_cli,
-    test_kernel_files,
-)
+from pvhtest import KernelFiles, debian_kernel_files, test_kernel_files
 
 
 @pytest.fixture(scope="session")
