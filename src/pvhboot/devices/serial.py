@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import _thread
 import time
-from collections import deque
-from collections.abc import Callable
 
 from .base import Device, IrqLine
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # collections costs ~0.5 ms of start-up on the boot path
+    from collections.abc import Callable
 
 # Register offsets from the base port (PC16550D "Register Summary").
 RBR_THR = 0  # receive buffer (read) / transmit holding (write); DLL when DLAB=1
@@ -150,7 +152,8 @@ class Serial16550(Device):
         self.divisor = DEFAULT_DIVISOR
         self.fifo_enabled = False
         self.rx_trigger = 1
-        self.rx: deque[int] = deque()
+        # At most FIFO_SIZE bytes (_capacity), so a bytearray's pop(0) is cheap.
+        self.rx = bytearray()
         self.backlog = bytearray()
         self.thr_pending = False  # THRE interrupt pending (cleared by an IIR read reporting it)
         self.irq_level = False
@@ -296,7 +299,7 @@ class Serial16550(Device):
     def _pop_rx(self) -> int:
         if not self.rx:
             return 0
-        value = self.rx.popleft()
+        value = self.rx.pop(0)
         self._refill()
         return value
 

@@ -24,7 +24,6 @@ import os
 import struct
 
 from ..errors import GuestError, KvmError
-from . import diagnose
 from .pagewalk import read_linear, write_linear
 
 PVM_MODULE = "/sys/module/kvm_pvm"
@@ -101,6 +100,24 @@ def is_pvm_host() -> bool:
     return os.path.exists(PVM_MODULE)
 
 
+_diagnose_module = None
+
+
+def _diagnose():
+    """machine.diagnose, imported on the first emulation failure.
+
+    It pulls in functools and collections (~0.7 ms of start-up) that a boot
+    which never needs an emulation must not pay for; the handler runs up to
+    millions of times per boot, so the module is kept once imported.
+    """
+    global _diagnose_module
+    if _diagnose_module is None:
+        from . import diagnose
+
+        _diagnose_module = diagnose
+    return _diagnose_module
+
+
 class HostQuirks:
     def __init__(self, enabled: bool = True, *, pvm_host: bool | None = None) -> None:
         self.enabled = enabled
@@ -143,6 +160,7 @@ class HostQuirks:
         """Finish the instruction KVM could not; a short description, or None if not ours."""
         if not self.active:
             return None
+        diagnose = _diagnose()
         synced = _SyncedRegs.attach(vcpu) if self._sync_regs else None
         if synced is None and self._sync_regs is None:
             self._sync_regs = _SyncedRegs.enable(vcpu)
@@ -406,7 +424,7 @@ def _plan_bit_insn(insn, bits: int) -> _BitPlan | None:
         return None
     if kind != "movbe" and ops[0][0] != "r":
         return None
-    return _BitPlan(kind, insn.size, diagnose.format_insn(insn), tuple(ops), width)
+    return _BitPlan(kind, insn.size, _diagnose().format_insn(insn), tuple(ops), width)
 
 
 def _plan_mem(insn, op, bits: int) -> tuple:
