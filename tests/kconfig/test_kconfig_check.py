@@ -109,6 +109,16 @@ def test_module_counts_as_missing_with_a_note():
     assert "[mod ] CONFIG_VIRTIO_MMIO=m" in format_report(report)
 
 
+def test_a_dependency_built_as_a_module_is_not_called_off():
+    # Debian's cloud config: VIRTIO_MMIO=m, VIRTIO_BLK=m, CMDLINE_DEVICES unset.
+    report = report_for(dict(GOOD, VIRTIO_MMIO="m", VIRTIO_MMIO_CMDLINE_DEVICES="n"))
+    text = format_report(report)
+    assert "CONFIG_VIRTIO_MMIO (a module here)" in text
+    assert "CONFIG_VIRTIO_MMIO (off here)" not in text
+    report = report_for(dict(GOOD, VIRTIO_MMIO="n", VIRTIO_MMIO_CMDLINE_DEVICES="n"))
+    assert "CONFIG_VIRTIO_MMIO (off here)" in format_report(report)
+
+
 def test_32bit_is_partial():
     report = report_for(dict(GOOD, **{"64BIT": "n", "X86_64": "n"}))
     assert report.pvh.ok and not report.linux64.ok

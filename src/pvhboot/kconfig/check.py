@@ -317,8 +317,11 @@ def format_report(report: ConfigReport) -> str:
                 if opt.note:
                     lines.append(f"         Note: {opt.note}.")
                 if opt.missing_needs:
-                    needs = ", ".join(f"CONFIG_{n}" for n in opt.missing_needs)
-                    lines.append(f"         In 6.1 it also needs (off here): {needs}.")
+                    needs = ", ".join(
+                        f"CONFIG_{n} ({'a module' if cfg.tristate(n) == 'm' else 'off'} here)"
+                        for n in opt.missing_needs
+                    )
+                    lines.append(f"         In 6.1 it also needs, built in: {needs}.")
     lines.append("")
     lines.append(f"Verdict: {_VERDICTS[report.exit_status]} (exit status {report.exit_status})")
     return "\n".join(lines)
