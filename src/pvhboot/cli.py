@@ -15,7 +15,17 @@ def build_parser():
     import argparse
     import importlib
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        """argparse with usage errors on one line: what is wrong, then what to do."""
+
+        def error(self, message: str):
+            hint = f"see '{self.prog} --help'"
+            if "expected one argument" in message:
+                # `--cmdline -x` reads -x as an option; the = form is unambiguous.
+                hint = f"a value that starts with '-' is written OPTION=VALUE; {hint}"
+            self.exit(2, f"{self.prog}: error: {message}; {hint}\n")
+
+    parser = Parser(
         prog="pvhboot",
         description="Boot and inspect x86-64 Linux kernels through the PVH entry point.",
     )

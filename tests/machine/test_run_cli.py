@@ -156,6 +156,35 @@ def test_bad_flags_are_usage_errors(tmp_path, args, word):
     assert word in lines[0]
 
 
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["run", "--kernel", "K", "--cmdline", "-x"], ["--cmdline", "OPTION=VALUE"]),
+        (["run", "--kernel", "K", "--memory", "-5M"], ["--memory", "OPTION=VALUE"]),
+        (["run", "--kernel", "K", "--bogus"], ["--bogus", "--help"]),
+        (["run"], ["--kernel", "--help"]),
+        ([], ["COMMAND", "--help"]),
+        (["frob"], ["frob", "--help"]),
+        (["inspect"], ["IMAGE", "--help"]),
+    ],
+)
+def test_argparse_usage_errors_are_one_line(tmp_path, args, words):
+    kernel = tmp_path / "k"
+    kernel.write_bytes(b"\x7fELF")
+    proc = run_cli(*[str(kernel) if a == "K" else a for a in args])
+    assert proc.returncode == 2
+    lines = _err_lines(proc)
+    assert len(lines) == 1 and ": error: " in lines[0], lines
+    for word in words:
+        assert word in lines[0], lines
+
+
+def test_a_dash_value_goes_through_the_equals_form(hello):
+    proc = run_cli("run", "--kernel", hello, "--dry-run", "--cmdline=-x foo", "--no-host-quirks")
+    assert proc.returncode == 0, proc.stderr
+    assert "'-x foo'" in proc.stdout.decode()
+
+
 def test_missing_kernel_is_one_line_exit_1(tmp_path):
     proc = run_cli("run", "--kernel", tmp_path / "nope", "--quiet")
     assert proc.returncode == 1
