@@ -213,7 +213,7 @@ class Machine:
         one line: its error.
         """
         timeline = self._timeline()
-        signals = _Signals(self.handle_signals)
+        signals = _Signals(self.handle_signals, quiet=self.quiet)
         with signals:
             quirks = self._host_quirks()
             prepared = self.prepare()
@@ -604,9 +604,10 @@ class _Signals:
     action would kill the process with none of that.
     """
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, *, quiet: bool = True) -> None:
         # Off the main thread signal.signal raises ValueError: then no handlers.
         self.enabled = enabled
+        self.quiet = quiet
         self.old = {}
         self.control = None
         self.signum = None
@@ -638,6 +639,10 @@ class _Signals:
                 self.signum = signum
             self.control.request_stop("signal")
             return
+        if not self.quiet:  # the same line a signal during the run gets
+            import sys
+
+            sys.stderr.write(f"pvhboot: stopped by {_signal_name(signum)}\n")
         raise SystemExit(128 + signum)
 
     def stopping(self, control):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -372,3 +373,62 @@ def test_signal_says_so_in_one_line_without_quiet(tmp_path):
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.decode().splitlines()[-1] == "pvhboot: stopped by SIGTERM"
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for whoever inherited it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("quiet", [False, True])
+def test_signal_during_preparation_says_so_and_leaves_nothing(tmp_path, debian_generic_kernel,
+                                                              quiet):
+    # SIGTERM while the vmlinux cache's child decompresses the xz payload:
+    # one line (unless --quiet), 128+signal, the child gone, no cache files.
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PVHBOOT_CACHE=str(cache))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvhboot", "run", "--kernel", debian_generic_kernel.vmlinuz,
+         "--memory", "128M", "--timeout", "20", *(["--quiet"] if quiet else [])],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        child = []
+        for _ in range(2000):  # the decompression child appears within ~0.1 s
+            child = _children(proc.pid)
+            if child or proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        assert child, "no decompression child was seen"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = err.decode().splitlines()
+    if quiet:
+        assert lines == []
+    else:
+        assert lines[-1] == "pvhboot: stopped by SIGTERM"
+    for pid in child:
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _alive(pid), "the decompression child outlived pvhboot"
+    left = [p.name for p in cache.rglob("*") if p.is_file()]
+    assert left == [], left
