@@ -109,8 +109,10 @@ def test_no_pvh_entry_points_at_config_pvh(kernel):
 
 def test_kernel_does_not_fit(kernel):
     elf, path = kernel
-    with pytest.raises(BootError, match=r"kernel does not fit: .*0x1300000\).*more than 19M"):
+    with pytest.raises(BootError, match=r"kernel does not fit: .*0x1300000\).*at least 19M"):
         pvh.plan_pvh(elf, path, initrd=None, cmdline="", memory_size=8 * MIB)
+    # The advice works: the boot data goes below the kernel.
+    assert pvh.plan_pvh(elf, path, initrd=None, cmdline="", memory_size=19 * MIB) is not None
 
 
 def test_initrd_does_not_fit(kernel, tmp_path):

@@ -147,6 +147,29 @@ def memory_needed(end: int) -> int | None:
     return need if need <= MAX_GUEST_MEMORY else None
 
 
+def check_kernel_fits(start: int, end: int, memory_size: int) -> None:
+    """BootError when the kernel's segments [start, end) run past guest RAM.
+
+    Checked on the whole kernel, before any segment is placed, so the advice
+    names a --memory that holds every segment, not just the first that fails.
+    """
+    ram_end = max(r.end for r in memory_map(memory_size) if r.type == E820_RAM)
+    if end <= ram_end:
+        return
+    span = fmt_range(start, end - start)
+    need = memory_needed(end)
+    if need is None:
+        raise BootError(
+            f"kernel does not fit: its segments span {span}, which no guest's RAM reaches "
+            "(it ends in the MMIO gap or beyond the largest guest): the image's headers are wrong"
+        )
+    raise BootError(
+        f"kernel does not fit: its segments span {span} but guest RAM ends at {ram_end:#x} "
+        f"({fmt_size(memory_size)}): give the guest at least {need // MIB}M "
+        f"(--memory {need // MIB}M)"
+    )
+
+
 def check_region_possible(name: str, addr: int, size: int) -> None:
     """BootError when [addr, addr+size) can be RAM with no --memory at all.
 

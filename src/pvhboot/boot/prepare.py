@@ -106,16 +106,7 @@ def _check_elf(elf, path: str, memory_size: int) -> None:
     start = min(seg.paddr for seg in loads)
     end = max(seg.paddr + seg.memsz for seg in loads)
     layout.check_region_possible(f"{path}: the kernel", start, end - start)
-    ram_end = max(r.end for r in layout.memory_map(memory_size) if r.type == layout.E820_RAM)
-    if end > ram_end:
-        need = layout.memory_needed(end)
-        if need is None:  # unreachable after check_region_possible; kept for safety
-            raise BootError(f"{path}: the kernel's segments end at {end:#x}: no guest has RAM there")
-        raise BootError(
-            f"kernel does not fit: its segments span {layout.fmt_range(start, end - start)} but "
-            f"guest RAM ends at {ram_end:#x} ({layout.fmt_size(memory_size)}): give the guest "
-            f"at least {need // layout.MIB}M (--memory {need // layout.MIB}M)"
-        )
+    layout.check_kernel_fits(start, end, memory_size)
 
 
 def _describe_bz(img: KernelImage) -> str:

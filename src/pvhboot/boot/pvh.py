@@ -101,14 +101,8 @@ def plan_pvh(
     # Whole-kernel check first, so the advice covers every segment, not the first.
     kernel_start = min(s.paddr for s in segments)
     kernel_end = max(s.paddr + s.memsz for s in segments)
-    ram_end = max(r.end for r in lay.ram)
-    if kernel_end > ram_end and kernel_start >= layout.HIGH_RAM_START:
-        need = layout.align_up(kernel_end, layout.MIB) // layout.MIB
-        raise BootError(
-            f"kernel does not fit: its segments span {fmt_range(kernel_start, kernel_end - kernel_start)}"
-            f" but guest RAM ends at {ram_end:#x} ({fmt_size(memory_size)}): "
-            f"give the guest more than {need}M (--memory {max(need * 2, 128)}M, say)"
-        )
+    if kernel_start >= layout.HIGH_RAM_START:
+        layout.check_kernel_fits(kernel_start, kernel_end, memory_size)
     for i, seg in enumerate(segments):
         if seg.filesz > seg.memsz or seg.offset + seg.filesz > file_size:
             raise BootError(
