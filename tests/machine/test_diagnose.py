@@ -112,18 +112,22 @@ def test_exit_messages():
     msg = d.internal_error_message(
         1, [0x1, 0x2], rip=0xFFFF_FFFF_8100_0203, insn="xsave ptr [rax]", symbols=sm
     )
-    assert "emulation failure" in msg and "do_one+0x3" in msg and "xsave ptr [rax]" in msg
+    assert msg.startswith("KVM internal error: emulation failure: xsave ptr [rax] at RIP ")
+    assert "(do_one+0x3)" in msg and "[data 0x1 0x2]" in msg and "--no-host-quirks" in msg
     assert "\n" not in msg
+    active = d.internal_error_message(1, quirks_active=True)
+    assert "clearcpuid=" in active and "--no-host-quirks" not in active
     for sub, name in [(2, "simultaneous"), (3, "event delivery"), (4, "unexpected exit")]:
         assert name in d.internal_error_message(sub)
+        assert "clearcpuid" not in d.internal_error_message(sub)
     assert "suberror 9" in d.internal_error_message(9)
     fe = d.fail_entry_message(0x8000_0021, cpu=1)
-    assert "0x80000021" in fe and "invalid guest state" in fe and "\n" not in fe
-    r = kvm_regs()
-    r.rip = 0xFFFF_FFFF_8100_0000
-    sd = d.shutdown_message(r, kvm_sregs(), symbols=sm)
-    assert sd.startswith("the guest triple-faulted at RIP=0xffffffff81000000 <")
-    assert "RAX=" in sd
+    assert "0x80000021" in fe and "invalid guest state" in fe and "host CPU 1" in fe
+    assert "\n" not in fe
+    assert "invalid guest state" not in d.fail_entry_message(0x8000_0022)
+    sd = d.shutdown_message(0xFFFF_FFFF_8100_0200, sm)
+    assert sd == "the guest triple-faulted (KVM_EXIT_SHUTDOWN) at RIP 0xffffffff81000200 (do_one)"
+    assert d.shutdown_message(None) == "the guest triple-faulted (KVM_EXIT_SHUTDOWN)"
 
 
 def test_real_system_map_if_built():
@@ -139,21 +143,9 @@ def test_real_system_map_if_built():
     assert sm.lookup(addr + 5) == "start_kernel+0x5"
 
 
-class _Vcpu:
-    def __init__(self, regs, sregs):
-        self.regs, self.sregs = regs, sregs
-
-    def get_regs(self):
-        return self.regs
-
-    def get_sregs(self):
-        return self.sregs
-
-
-def test_internal_error_report_reads_the_vcpu(mem):
+def test_internal_error_message_with_the_decoded_instruction(mem):
     mem.write(0x1000, b"\x0f\xae\x20")  # xsave [eax] in 32-bit mode
-    r = kvm_regs()
-    r.rip = 0x1000
-    msg = d.internal_error_report(_Vcpu(r, flat32()), mem, 1, [0x10])
-    assert msg.startswith("KVM internal error: emulation failure at RIP=0x1000: xsave ptr [eax]")
+    insn = d.decode_at(mem, flat32(), 0x1000)
+    msg = d.internal_error_message(1, [0x10], rip=0x1000, insn=insn)
+    assert msg.startswith("KVM internal error: emulation failure: xsave ptr [eax] at RIP 0x1000")
     assert "[data 0x10]" in msg

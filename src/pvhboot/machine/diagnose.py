@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import functools
 
-from ..errors import GuestError, KvmError
+from ..errors import GuestError
 from .pagewalk import EFER_LMA, read_linear
 
 MAX_INSN_LEN = 15  # SDM vol. 2, 2.3.11: no x86 instruction is longer
@@ -190,23 +190,24 @@ class SymbolMap:
 
 
 # --- exit messages ---------------------------------------------------------------
+# One line each; the register dump goes beside the message, not into it.
 
 
-def _where(rip: int, symbols: SymbolMap | None) -> str:
+def where(rip: int | None, symbols: SymbolMap | None = None) -> str:
+    """'at RIP 0xffffffff81000203 (do_one+0x3)', or '' when RIP is unknown."""
+    if rip is None:
+        return ""
     sym = symbols.lookup(rip) if symbols is not None else None
-    return f"RIP={rip:#x}" + (f" <{sym}>" if sym else "")
+    return f"at RIP {rip:#x}" + (f" ({sym})" if sym else "")
 
 
-def shutdown_message(regs, sregs, *, symbols: SymbolMap | None = None) -> str:
+def shutdown_message(rip: int | None, symbols: SymbolMap | None = None) -> str:
     """KVM_EXIT_SHUTDOWN: the guest triple-faulted (an exception while delivering a double fault)."""
-    return (
-        f"the guest triple-faulted at {_where(regs.rip, symbols)} (KVM_EXIT_SHUTDOWN); "
-        f"registers:\n{register_dump(regs, sregs)}"
-    )
+    return f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) {where(rip, symbols)}".rstrip()
 
 
-# VMX exit-qualification basics for VM-entry failures (SDM vol. 3C, 27.8): bit 31
-# of the reason marks a failed entry; the low 16 bits are the basic exit reason.
+# Basic exit reasons for VM-entry failures (SDM vol. 3C, 27.8 and appendix C):
+# bit 31 of the reason marks a failed entry; the low 16 bits say why.
 _ENTRY_FAILURE_REASONS = {
     33: "invalid guest state",
     34: "MSR loading failed",
@@ -216,14 +217,14 @@ _ENTRY_FAILURE_REASONS = {
 
 def fail_entry_message(hardware_entry_failure_reason: int, cpu: int | None = None) -> str:
     """KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest."""
-    basic = hardware_entry_failure_reason & 0xFFFF
-    what = _ENTRY_FAILURE_REASONS.get(basic)
+    reason = hardware_entry_failure_reason
+    what = _ENTRY_FAILURE_REASONS.get(reason & 0xFFFF)
+    detail = f", {what}" if what else ""
     on_cpu = f" on host CPU {cpu}" if cpu is not None else ""
-    detail = f" ({what})" if what else ""
     return (
-        f"KVM could not enter the guest{on_cpu}: hardware entry failure reason "
-        f"{hardware_entry_failure_reason:#x}{detail}; the initial vCPU state is invalid "
-        "for this host (check the boot protocol with --dry-run)"
+        f"KVM could not enter the guest{on_cpu} (KVM_EXIT_FAIL_ENTRY, hardware reason "
+        f"{reason:#x}{detail}): the initial vCPU state is invalid for this CPU "
+        "(check the boot protocol with --dry-run)"
     )
 
 
@@ -238,28 +239,26 @@ def internal_error_message(
     rip: int | None = None,
     insn: str | None = None,
     symbols: SymbolMap | None = None,
+    quirks_active: bool = False,
 ) -> str:
-    """KVM_EXIT_INTERNAL_ERROR that nothing handled: what, where, and which instruction."""
+    """KVM_EXIT_INTERNAL_ERROR that nothing handled: what, which instruction, where, what to do."""
     msg = f"KVM internal error: {internal_error_name(suberror)}"
-    if rip is not None:
-        msg += f" at {_where(rip, symbols)}"
     if insn:
         msg += f": {insn}"
+    if rip is not None:
+        msg += f" {where(rip, symbols)}"
     if data:
         msg += " [data " + " ".join(f"{d:#x}" for d in data) + "]"
-    if suberror == 1:
-        msg += "; this KVM cannot emulate the instruction (host quirks: see --no-host-quirks)"
+    if suberror == 1:  # KVM_INTERNAL_ERROR_EMULATION
+        if quirks_active:
+            msg += (
+                ": if the kernel proper runs it, hide its CPU feature with clearcpuid=...; "
+                "otherwise run on a host with VMX/SVM"
+            )
+        else:
+            # The quirks layer emulates what the PVM backend is known to lack.
+            msg += (
+                ": on a PVM host leave the host quirks on (no --no-host-quirks), "
+                "or run on a host with VMX/SVM"
+            )
     return msg
-
-
-def internal_error_report(
-    vcpu, mem, suberror: int, data=(), *, symbols: SymbolMap | None = None
-) -> str:
-    """internal_error_message with RIP and the decoded instruction read from the vCPU."""
-    try:
-        regs = vcpu.get_regs()
-        sregs = vcpu.get_sregs()
-    except KvmError as exc:  # the report must not hide the error it reports
-        return internal_error_message(suberror, data) + f" (registers unavailable: {exc})"
-    insn = decode_at(mem, sregs, regs.rip)
-    return internal_error_message(suberror, data, rip=regs.rip, insn=insn, symbols=symbols)

@@ -151,20 +151,22 @@ def _slow_exit(reason, run, vcpu, bus, mem, quirks, system_map):
             "halt", STATUS_FAULT, "the guest halted (HLT) with nothing to wake it", _dump(vcpu)
         )
     if reason == s.KVM_EXIT_SHUTDOWN:
-        regs_line = _rip_line(vcpu, system_map)
+        from .diagnose import shutdown_message
+
         return Outcome(
             "triple-fault",
             STATUS_FAULT,
-            f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) {regs_line}",
+            shutdown_message(_rip(vcpu), _symbols(system_map)),
             _dump(vcpu),
         )
     if reason == s.KVM_EXIT_FAIL_ENTRY:
-        hw = run.fail_entry.hardware_entry_failure_reason
+        from .diagnose import fail_entry_message
+
+        fe = run.fail_entry
         return Outcome(
             "fail-entry",
             STATUS_FAULT,
-            f"KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {hw:#x}): "
-            "the initial vCPU state is invalid for this CPU",
+            fail_entry_message(fe.hardware_entry_failure_reason, fe.cpu),
             _dump(vcpu),
         )
     if reason == s.KVM_EXIT_INTERNAL_ERROR:
@@ -182,7 +184,7 @@ def _slow_exit(reason, run, vcpu, bus, mem, quirks, system_map):
     return Outcome(
         "kvm-exit",
         STATUS_FAULT,
-        f"unexpected KVM exit KVM_EXIT_{name} {_rip_line(vcpu, system_map)}",
+        f"unexpected KVM exit KVM_EXIT_{name} {_where(vcpu, system_map)}".rstrip(),
         _dump(vcpu),
     )
 
@@ -195,34 +197,19 @@ def _internal_error(run, vcpu, mem, quirks, system_map):
             quirks_handled = getattr(vcpu, "quirks_handled", 0) + 1
             vcpu.quirks_handled = quirks_handled
             return None
-    names = {
-        s.KVM_INTERNAL_ERROR_EMULATION: "the backend cannot emulate an instruction",
-        s.KVM_INTERNAL_ERROR_SIMUL_EX: "an exception occurred while delivering another",
-        s.KVM_INTERNAL_ERROR_DELIVERY_EV: "an event could not be delivered",
-        s.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit",
-    }
-    what = names.get(sub, f"suberror {sub}")
-    insn = _decode(run, vcpu, mem)
-    where = _rip_line(vcpu, system_map)
-    hint = ""
-    if sub == s.KVM_INTERNAL_ERROR_EMULATION:
-        if quirks is None or not getattr(quirks, "active", False):
-            # The quirks layer emulates what the PVM backend is known to lack.
-            hint = (
-                ": on a PVM host leave the host quirks on (no --no-host-quirks), "
-                "or run on a host with VMX/SVM"
-            )
-        else:
-            hint = (
-                ": if the kernel proper runs it, hide its CPU feature with clearcpuid=...; "
-                "otherwise run on a host with VMX/SVM"
-            )
-    return Outcome(
-        "internal-error",
-        STATUS_FAULT,
-        f"KVM internal error: {what}: {insn} {where}{hint}",
-        _dump(vcpu),
+    from .diagnose import internal_error_message
+
+    internal = run.internal
+    data = tuple(internal.data[: min(internal.ndata, len(internal.data))])
+    message = internal_error_message(
+        sub,
+        data,
+        rip=_rip(vcpu),
+        insn=_decode(run, vcpu, mem),
+        symbols=_symbols(system_map),
+        quirks_active=bool(quirks is not None and getattr(quirks, "active", False)),
     )
+    return Outcome("internal-error", STATUS_FAULT, message, _dump(vcpu))
 
 
 def _decode(run, vcpu, mem) -> str:
@@ -243,20 +230,29 @@ def _decode(run, vcpu, mem) -> str:
     return "(instruction not decoded)"
 
 
-def _rip_line(vcpu, system_map) -> str:
-    try:
-        rip = vcpu.get_regs().rip
-    except KvmError:
-        return ""
-    sym = None
-    if system_map:
-        try:
-            from .diagnose import SymbolMap
+def _where(vcpu, system_map) -> str:
+    from .diagnose import where
 
-            sym = SymbolMap.load(system_map).lookup(rip)
-        except Exception:
-            sym = None
-    return f"at RIP {rip:#x}" + (f" ({sym})" if sym else "")
+    return where(_rip(vcpu), _symbols(system_map))
+
+
+def _rip(vcpu) -> int | None:
+    try:
+        return vcpu.get_regs().rip
+    except KvmError:
+        return None
+
+
+def _symbols(system_map):
+    """The --system-map symbols, or None: a bad map must never hide the real error."""
+    if not system_map:
+        return None
+    try:
+        from .diagnose import SymbolMap
+
+        return SymbolMap.load(system_map)
+    except Exception:
+        return None
 
 
 def _dump(vcpu) -> str:
