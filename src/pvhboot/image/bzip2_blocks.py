@@ -1,0 +1,495 @@
+"""bzip2 decoding on several CPUs: a stream's blocks are independent.
+
+libbz2 decodes one block at a time and every block restarts from scratch
+(its own Huffman tables, its own inverse BWT, its own CRC), so the blocks of
+a stream can be decoded concurrently. Blocks are not byte-aligned and carry
+no length, so the stream is split where the block magic occurs, at any bit
+offset. That magic can also occur by chance inside compressed data, so each
+split is only a hypothesis: every piece is re-wrapped as a stream of its own
+and handed to libbz2, which checks its block CRC. A piece that fails makes
+the rest of the stream decode serially from its start (skipping the output
+already delivered), so the output is always the serial decoder's output.
+
+The re-wrapped streams no longer check the original stream's combined CRC,
+so it is recomputed here from the block CRCs and compared.
+
+bzip2 format facts (libbz2 ``compress.c``/``decompress.c``; Joe Tsai's
+"bzip2 format specification"):
+
+- stream: ``"BZh"`` + level digit ``'1'..'9'`` (block size, level x 100 000
+  bytes), then blocks, then the end-of-stream magic, the 32-bit combined CRC
+  and zero bits up to a byte boundary. Bits are written MSB first.
+- block: a 48-bit magic, the 32-bit CRC of the block's output, then the
+  coded data (no length).
+- combined CRC: for each block in order, ``c = rotl32(c, 1) ^ block_crc``.
+
+Like the bzip2 CLI, streams that follow each other are decoded one after the
+other; bytes after the last stream (Linux's 4-byte size trailer) that do not
+start another stream are ignored.
+
+Decoding runs in threads: ``bz2.BZ2Decompressor`` releases the GIL while it
+works. Only a few blocks are in flight at a time and their output goes to
+``put`` in order, so memory stays bounded by a few blocks' output.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import CodecError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+# 48-bit magics (the BCD digits of pi and sqrt(pi)), per the format notes.
+BLOCK_MAGIC = 0x314159265359
+END_MAGIC = 0x177245385090
+MAGIC_BITS = 48
+CRC_BITS = 32
+# "BZh" + level digit.
+HEADER_BYTES = 4
+# A block starts with its magic and its CRC; a boundary cannot lie inside them.
+BLOCK_HEAD_BITS = MAGIC_BITS + CRC_BITS
+# What follows the last block: end magic + combined CRC.
+TRAILER_BITS = MAGIC_BITS + CRC_BITS
+
+# Input is fed in slices of IN_CHUNK and output taken in chunks of at most
+# OUT_CHUNK, as the serial decoders in compression.py do.
+IN_CHUNK = 256 << 10
+OUT_CHUNK = 1 << 20
+# Bytes searched for magics per step. The search runs in the calling thread,
+# a step at a time just ahead of the blocks being decoded, so it overlaps
+# the decoding instead of delaying the first block (~4 ms per MiB).
+SCAN_WINDOW = 1 << 20
+# Each worker holds up to two blocks' output (up to ~45 MB each for a
+# hostile block made of maximal runs); more workers than this buys little
+# for a kernel-sized stream and would raise that bound.
+MAX_WORKERS = 4
+
+_BLOCK, _END, _BAD = 0, 1, 2
+
+# How often the serial fallback ran (tests check which path was taken).
+SERIAL_FALLBACKS = 0
+
+
+def decode_bzip2(mv, put: Callable[[bytes], None], *, workers: int | None = None) -> None:
+    """Decode the bzip2 stream(s) at the start of ``mv``, calling ``put`` in order.
+
+    ``mv`` is bytes, a memoryview or an mmap. Output goes to ``put`` in
+    chunks of at most :data:`OUT_CHUNK` bytes; an exception from ``put``
+    stops the decoding (worker threads are stopped and joined) and
+    propagates. Raises :class:`CodecError` for a corrupt or truncated stream.
+    ``workers`` defaults to the CPUs this process may run on (at most
+    :data:`MAX_WORKERS`); with fewer than 2, or fewer than 2 blocks, the
+    stream is decoded serially in this thread.
+    """
+    view = mv if _is_byte_view(mv) else memoryview(mv).cast("B")
+    count = _worker_count(workers)
+    if count < 2:
+        _serial(view, 0, 0, put)
+        return
+    scanner = _Scanner(view)
+    plan = _plan(view, scanner)
+    # Look ahead for a second block: a one-block stream gains nothing from
+    # threads, and something that is not bzip2 at all gets libbz2's message.
+    head: list[_Piece] = []
+    blocks = 0
+    for piece in plan:
+        head.append(piece)
+        blocks += piece.kind == _BLOCK
+        if blocks >= 2 or piece.kind == _BAD:
+            break
+    if blocks < 2:
+        _serial(view, 0, 0, put)
+        return
+    import bz2  # noqa: F401  (imported here, not concurrently by the workers)
+
+    try:
+        pool = _Pool(view, count)
+    except RuntimeError:  # "can't start new thread": no room for threads here
+        _serial(view, 0, 0, put)
+        return
+    try:
+        _consume(view, _chain(head, plan), pool, put, window=2 * count)
+    finally:
+        pool.close()
+
+
+def _is_byte_view(mv) -> bool:
+    return isinstance(mv, memoryview) and mv.format == "B" and mv.ndim == 1
+
+
+def _worker_count(workers: int | None) -> int:
+    if workers is not None:
+        return max(1, int(workers))
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
+def _chain(head: list, rest: Iterator) -> Iterator:
+    yield from head
+    yield from rest
+
+
+# --- the consumer: output in order, combined CRC, fallback -------------------
+
+
+def _consume(view, pieces: Iterator[_Piece], pool: _Pool, put, *, window: int) -> None:
+    from collections import deque
+
+    pending: deque[_Piece] = deque()
+    in_flight = 0
+    more = True
+    stream = -1  # byte offset of the stream being delivered
+    emitted = 0  # its output bytes already given to put
+    combined = 0
+    while True:
+        while more and in_flight < window:
+            piece = next(pieces, None)
+            if piece is None:
+                more = False
+                break
+            if piece.kind == _BLOCK:
+                pool.submit(piece)
+                in_flight += 1
+            pending.append(piece)
+        if not pending:
+            return
+        piece = pending.popleft()
+        if piece.stream != stream:
+            stream, emitted, combined = piece.stream, 0, 0
+        if piece.kind == _BLOCK:
+            in_flight -= 1
+            chunks = pool.result(piece)
+            if chunks is None:  # not a block after all, or a corrupt one
+                pool.cancel()
+                _fallback(view, stream, emitted, put)
+                return
+            for chunk in chunks:
+                emitted += len(chunk)
+                put(chunk)
+            combined = (((combined << 1) | (combined >> 31)) & 0xFFFFFFFF) ^ piece.crc
+        elif piece.kind == _END:
+            if combined != piece.crc:
+                raise CodecError(
+                    f"bzip2 stream is corrupt: its combined CRC 0x{piece.crc:08x} does not "
+                    f"match its blocks' CRCs (0x{combined:08x})"
+                )
+        else:  # the layout is not understood from here on: let libbz2 say why
+            pool.cancel()
+            _fallback(view, stream, emitted, put)
+            return
+
+
+def _fallback(view, stream: int, skip: int, put) -> None:
+    global SERIAL_FALLBACKS
+    SERIAL_FALLBACKS += 1
+    _serial(view, stream, skip, put)
+
+
+# --- locating blocks ---------------------------------------------------------
+
+
+class _Piece:
+    """One step of a stream's layout, in order: a block, an end, or 'not understood'."""
+
+    __slots__ = ("kind", "stream", "level", "start", "end", "crc", "chunks", "done")
+
+    def __init__(self, kind: int, stream: int, level=0, start=0, end=0, crc=0):
+        self.kind = kind
+        self.stream = stream  # byte offset of the stream's "BZh"
+        self.level = level
+        self.start = start  # bit offset of the block magic
+        self.end = end  # bit offset of the magic that follows it
+        self.crc = crc  # block CRC, or the stream's combined CRC for _END
+        self.chunks = None
+        self.done = False
+
+
+def _bits(view, pos: int, n: int) -> int:
+    """The ``n`` bits at bit offset ``pos`` (MSB first) as an int."""
+    first = pos >> 3
+    last = (pos + n + 7) >> 3
+    value = int.from_bytes(view[first:last], "big")
+    return (value >> ((last << 3) - pos - n)) & ((1 << n) - 1)
+
+
+def _stream_at(view, byte: int) -> bool:
+    """True when a bzip2 stream header and its first magic start at ``byte``."""
+    if byte + HEADER_BYTES + MAGIC_BITS // 8 > len(view):
+        return False
+    if bytes(view[byte : byte + 3]) != b"BZh" or not 0x31 <= view[byte + 3] <= 0x39:
+        return False
+    return _bits(view, (byte + HEADER_BYTES) * 8, MAGIC_BITS) in (BLOCK_MAGIC, END_MAGIC)
+
+
+class _Scanner:
+    """Finds block and end magics at every bit offset, a window at a time.
+
+    A 48-bit magic starting ``s`` bits into byte ``i - 1`` fully covers bytes
+    ``i .. i + 4``; those five bytes depend only on ``s``, so one regular
+    expression over the 16 (magic, shift) patterns finds every candidate,
+    and each is then checked against all 48 bits.
+    """
+
+    def __init__(self, view):
+        import re
+
+        self.view = view
+        self.size = len(view)
+        self.patterns: dict[bytes, tuple[int, int, int]] = {}
+        for kind, magic in ((_BLOCK, BLOCK_MAGIC), (_END, END_MAGIC)):
+            for shift in range(8):
+                window = (magic << (8 - shift)).to_bytes(7, "big")
+                self.patterns[window[1:6]] = (kind, shift, magic)
+        self.regex = re.compile(b"|".join(re.escape(p) for p in self.patterns))
+        self.found: list[tuple[int, int]] = []  # (bit offset, kind), ascending
+        self.next_index = 1  # next value of i to search from
+
+    def _scan_more(self) -> None:
+        lo = self.next_index
+        hi = min(self.size, lo + SCAN_WINDOW)
+        view, size, patterns = self.view, self.size, self.patterns
+        search = self.regex.search
+        endpos = min(size, hi + 4)
+        found = []
+        match = search(view, lo, endpos)
+        while match is not None:
+            i = match.start()
+            kind, shift, magic = patterns[match.group()]
+            pos = ((i - 1) << 3) + shift
+            if pos + MAGIC_BITS <= size * 8 and _bits(view, pos, MAGIC_BITS) == magic:
+                found.append((pos, kind))
+            match = search(view, i + 1, endpos)
+        # Matches come in order of i; within one i, the shift orders them.
+        found.sort()
+        self.found.extend(found)
+        self.next_index = hi
+
+    def next_at(self, pos: int) -> tuple[int, int] | None:
+        """The first magic at bit offset >= ``pos``, or None."""
+        from bisect import bisect_left
+
+        while True:
+            k = bisect_left(self.found, (pos, -1))
+            if k < len(self.found):
+                # Later windows only hold magics past everything found so far.
+                return self.found[k]
+            if self.next_index >= self.size:
+                return None
+            self._scan_more()
+
+
+def _plan(view, scanner: _Scanner) -> Iterator[_Piece]:
+    """The layout of the stream(s) in ``view`` as found by the magics."""
+    size_bits = len(view) * 8
+    byte = 0
+    if not _stream_at(view, 0):
+        yield _Piece(_BAD, 0)
+        return
+    while True:
+        level = view[byte + 3] - 0x30
+        magic = scanner.next_at((byte + HEADER_BYTES) * 8)
+        if magic is None or magic[0] != (byte + HEADER_BYTES) * 8:
+            yield _Piece(_BAD, byte)
+            return
+        while magic[1] == _BLOCK:
+            start = magic[0]
+            magic = scanner.next_at(start + BLOCK_HEAD_BITS)
+            if magic is None:  # no end magic: truncated (libbz2 will say so)
+                yield _Piece(_BAD, byte)
+                return
+            crc = _bits(view, start + MAGIC_BITS, CRC_BITS)
+            yield _Piece(_BLOCK, byte, level, start, magic[0], crc)
+        end = magic[0] + TRAILER_BITS
+        if end > size_bits:
+            yield _Piece(_BAD, byte)
+            return
+        yield _Piece(_END, byte, crc=_bits(view, magic[0] + MAGIC_BITS, CRC_BITS))
+        byte = (end + 7) >> 3
+        if not _stream_at(view, byte):
+            return
+
+
+def _rewrap(view, piece: _Piece) -> bytes:
+    """``piece`` as a one-block stream: header, block, end magic, CRC, padding."""
+    start, end = piece.start, piece.end
+    first, lead = start >> 3, start & 7
+    whole, rest = divmod(end - start, 8)  # the block: `whole` bytes and `rest` bits
+    # Move the block to a byte boundary. Each pass over a big int costs
+    # ~1 ms per MB, so this takes three (from_bytes, shift, to_bytes) plus a
+    # copy, and builds the small tail separately.
+    if lead:
+        nbytes = ((end + 7) >> 3) - first
+        value = int.from_bytes(view[first : first + nbytes], "big") << lead
+        # The `lead` bits before the block land in an extra first byte: dropped.
+        body = value.to_bytes(nbytes + 1, "big")[1:]
+    else:
+        body = bytes(view[first : first + whole + (1 if rest else 0)])
+    tail_bits = body[whole] >> (8 - rest) if rest else 0
+    # A one-block stream's combined CRC is rotl32(0, 1) ^ crc == crc.
+    tail = (((tail_bits << MAGIC_BITS) | END_MAGIC) << CRC_BITS) | piece.crc
+    nbits = rest + TRAILER_BITS
+    pad = -nbits % 8
+    return b"".join(
+        (
+            b"BZh",
+            bytes((0x30 + piece.level,)),
+            body[:whole],
+            (tail << pad).to_bytes((nbits + pad) >> 3, "big"),
+        )
+    )
+
+
+# --- worker threads ----------------------------------------------------------
+
+
+class _Pool:
+    """A few threads that decode pieces; results are collected in order."""
+
+    def __init__(self, view, count: int):
+        import threading
+        from collections import deque
+
+        self.view = view
+        self.cv = threading.Condition()
+        self.todo: deque[_Piece] = deque()
+        self.stop = False
+        self.threads: list = []
+        try:
+            for n in range(count):
+                thread = threading.Thread(
+                    target=self._work, name=f"pvhboot-bzip2-{n}", daemon=True
+                )
+                thread.start()
+                self.threads.append(thread)
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, piece: _Piece) -> None:
+        with self.cv:
+            self.todo.append(piece)
+            self.cv.notify()
+
+    def result(self, piece: _Piece) -> list | None:
+        """Wait for ``piece``: its output chunks, or None if it failed to decode."""
+        with self.cv:
+            while not piece.done:
+                self.cv.wait()
+        chunks, piece.chunks = piece.chunks, None
+        return chunks
+
+    def cancel(self) -> None:
+        """Drop queued pieces and make running ones give up."""
+        with self.cv:
+            self.stop = True
+            self.todo.clear()
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        self.cancel()
+        for thread in self.threads:
+            thread.join()
+        self.threads.clear()
+
+    def _work(self) -> None:
+        cv, todo = self.cv, self.todo
+        while True:
+            with cv:
+                while not todo and not self.stop:
+                    cv.wait()
+                if self.stop:
+                    return
+                piece = todo.popleft()
+            try:
+                chunks = self._decode(piece)
+            except BaseException:  # MemoryError and the like: let the serial path decide
+                chunks = None
+            with cv:
+                piece.chunks = chunks
+                piece.done = True
+                cv.notify_all()
+
+    def _decode(self, piece: _Piece) -> list | None:
+        import bz2
+
+        data = _rewrap(self.view, piece)
+        d = bz2.BZ2Decompressor()
+        chunks = []
+        while not d.eof:
+            if self.stop:
+                return None
+            try:
+                chunk = d.decompress(data, OUT_CHUNK)
+            except (OSError, ValueError, EOFError):
+                return None
+            data = b""
+            if not chunk:  # all input taken, no end reached: not a whole block
+                return None
+            chunks.append(chunk)
+        return None if d.unused_data else chunks
+
+
+# --- serial decoding (one thread; also the fallback) -------------------------
+
+
+def _serial(view, start: int, skip: int, put) -> None:
+    """Decode the stream at byte ``start`` and any that follow, serially.
+
+    The first ``skip`` output bytes were already delivered and are dropped.
+    """
+    import bz2
+
+    size = len(view)
+    byte = start
+    while True:
+        d = bz2.BZ2Decompressor()
+        pos = byte
+        idle = 0
+        while not d.eof:
+            if d.needs_input:
+                if pos >= size:
+                    raise _truncated("the stream has no end marker")
+                data = view[pos : pos + IN_CHUNK]
+                pos += len(data)
+            else:
+                data = b""
+            try:
+                chunk = d.decompress(data, OUT_CHUNK)
+            except (OSError, ValueError) as exc:
+                raise CodecError(f"bzip2 stream is corrupt: {_one_line(exc)}") from None
+            except EOFError:
+                break
+            if chunk or data:
+                idle = 0
+            else:
+                idle += 1
+                if idle > 2:  # never seen; a loop over untrusted data must end
+                    raise CodecError("bzip2 stream is corrupt: the decoder made no progress")
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk = chunk[skip:]
+                skip = 0
+            put(chunk)
+        byte = pos - len(d.unused_data)
+        if not _stream_at(view, byte):
+            return
+
+
+def _truncated(detail: str) -> CodecError:
+    return CodecError(
+        f"bzip2 stream is truncated: {detail} "
+        "(the image is cut short or its payload length is wrong)"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+    return text[:200]

@@ -1,0 +1,366 @@
+"""Parallel bzip2 decoding (image/bzip2_blocks.py) against bz2 and the bzip2 CLI."""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import mmap
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pvhboot.errors import CodecError
+from pvhboot.image import bzip2_blocks
+from pvhboot.image.bzip2_blocks import BLOCK_MAGIC, END_MAGIC, decode_bzip2
+
+
+def _text(size: int, seed: int) -> bytes:
+    """Random words: compressible ~3:1, no long runs, so a block holds ~level x 100 kB."""
+    rng = random.Random(seed)
+    letters = bytes(range(ord("a"), ord("z") + 1))
+    vocab = [
+        bytes(rng.choice(letters) for _ in range(rng.randint(2, 10))) for _ in range(3000)
+    ]
+    words = rng.choices(vocab, k=size // 5)
+    return b" ".join(words)[:size]
+
+
+def _from_alphabet(alphabet: list[int], size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    table = bytes(alphabet[i % len(alphabet)] for i in range(256))
+    return rng.randbytes(size).translate(table)
+
+
+def _decode(data, **kwargs) -> bytes:
+    out: list[bytes] = []
+    decode_bzip2(data, out.append, **kwargs)
+    return b"".join(out)
+
+
+def _true_block_starts(stream: bytes) -> int:
+    """How many block magics the scanner finds (true and false ones)."""
+    view = memoryview(stream)
+    scanner = bzip2_blocks._Scanner(view)
+    count, pos = 0, 0
+    while (found := scanner.next_at(pos)) is not None:
+        count += found[1] == bzip2_blocks._BLOCK
+        pos = found[0] + 1
+    return count
+
+
+@pytest.fixture
+def no_serial(monkeypatch):
+    """Fail the test if the serial decoder runs: the parallel path must do it all."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the serial decoder ran")
+
+    monkeypatch.setattr(bzip2_blocks, "_serial", refuse)
+
+
+@pytest.fixture(scope="module")
+def text9() -> bytes:
+    return _text(3_200_000, seed=9)
+
+
+@pytest.fixture(scope="module")
+def stream9(text9) -> bytes:
+    data = bz2.compress(text9, 9)
+    assert _true_block_starts(data) >= 4  # 900 kB blocks
+    return data
+
+
+@pytest.fixture(scope="module")
+def text1() -> bytes:
+    return _text(1_000_000, seed=1)
+
+
+@pytest.fixture(scope="module")
+def stream1(text1) -> bytes:
+    data = bz2.compress(text1, 1)
+    assert _true_block_starts(data) >= 10  # 100 kB blocks
+    return data
+
+
+# --- correct output ----------------------------------------------------------
+
+
+def test_level9_multiblock_matches_bz2(stream9, text9, no_serial):
+    assert _decode(memoryview(stream9), workers=2) == text9
+
+
+def test_level1_multiblock_matches_bz2(stream1, text1, no_serial):
+    assert _decode(stream1, workers=2) == text1
+    assert _decode(stream1, workers=3) == text1
+
+
+def test_matches_bzip2_cli(stream1, tmp_path):
+    if shutil.which("bzip2") is None:
+        pytest.skip("no bzip2 CLI")
+    expected = subprocess.run(
+        ["bzip2", "-dc"], input=stream1, capture_output=True, check=True
+    ).stdout
+    assert _decode(stream1, workers=2) == expected
+
+
+@pytest.mark.parametrize("level", [2, 5, 8])
+def test_other_levels_and_mmap_input(tmp_path, no_serial, level):
+    text = _text(level * 200_000 + 50_000, seed=level)  # two blocks and a bit
+    if True:
+        path = tmp_path / f"l{level}.bz2"
+        path.write_bytes(bz2.compress(text, level))
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with memoryview(mm) as view:
+                assert _decode(view, workers=2) == text
+
+
+def test_output_chunks_are_bounded(stream9):
+    sizes: list[int] = []
+    decode_bzip2(stream9, lambda chunk: sizes.append(len(chunk)), workers=2)
+    assert max(sizes) <= bzip2_blocks.OUT_CHUNK
+    assert sum(sizes) == 3_200_000
+
+
+def test_workers_one_decodes_serially(stream1, text1):
+    before = threading.active_count()
+    assert _decode(stream1, workers=1) == text1
+    assert threading.active_count() == before
+
+
+def test_default_workers(stream1, text1):
+    assert _decode(stream1) == text1
+
+
+def test_size_trailer_and_garbage_ignored(stream1, text1, no_serial):
+    # Linux appends the uncompressed size, little-endian.
+    assert _decode(stream1 + len(text1).to_bytes(4, "little"), workers=2) == text1
+    # A header without a block after it does not start another stream.
+    assert _decode(stream1 + b"BZh9garbage", workers=2) == text1
+
+
+def test_concatenated_streams(text1, text9):
+    a = bz2.compress(text1, 1)
+    b = bz2.compress(b"", 9)
+    c = bz2.compress(text9[:1_900_000], 9)
+    d = bz2.compress(b"tail", 3)
+    data = a + b + c + d + b"\x12\x34\x56\x78"
+    expected = text1 + text9[:1_900_000] + b"tail"
+    assert _decode(data, workers=2) == expected
+    assert bz2.decompress(a + b + c + d) == expected
+    # Without threads, the same rule for what follows a stream.
+    assert _decode(data, workers=1) == expected
+
+
+def test_one_block_and_empty_streams():
+    one = b"hello, world\n" * 5000
+    assert _decode(bz2.compress(one, 9), workers=2) == one
+    assert _decode(bz2.compress(b"", 9), workers=2) == b""
+    assert _decode(bz2.compress(b"", 1) + b"\0\0\0\0", workers=2) == b""
+    assert _decode(bz2.compress(b"x", 1) * 3, workers=2) == b"xxx"
+
+
+def test_many_small_streams(no_serial):
+    # pbzip2 writes one stream per block; here 40 one-block streams.
+    parts = [_text(20_000, seed=n) for n in range(40)]
+    data = b"".join(bz2.compress(p, 1 + n % 9) for n, p in enumerate(parts))
+    assert _decode(data, workers=2) == b"".join(parts)
+
+
+# --- false block boundaries ---------------------------------------------------
+
+
+def _planted(magic: int, seed: int) -> tuple[bytes, bytes]:
+    """Data whose compressed blocks 3 and 4 contain ``magic`` where no block starts.
+
+    Each block lists the byte values it uses as a 256-bit map (one bit per
+    value, in order) after 16 bits saying which 16-value groups are used.
+    Using exactly the values whose bits spell ``magic`` from value 16 on
+    (and one value in every other group) puts ``magic`` into the block.
+    Blocks 1 and 2 use letters only, so decoding starts on the parallel path.
+    """
+    bits = [(magic >> (47 - j)) & 1 for j in range(48)]
+    alphabet = [16 + j for j in range(48) if bits[j]]
+    alphabet += [group * 16 + 5 for group in range(16) if not 1 <= group <= 3]
+    letters = list(range(ord("a"), ord("z") + 1))
+    text = _from_alphabet(letters, 1_100_000, seed) + _from_alphabet(alphabet, 900_000, seed)
+    return text, bz2.compress(text, 5)  # 500 kB blocks
+
+
+@pytest.mark.parametrize("magic", [BLOCK_MAGIC, END_MAGIC])
+def test_planted_magic_decodes_like_serial(magic):
+    text, stream = _planted(magic, seed=3)
+    assert bz2.decompress(stream) == text
+    view = memoryview(stream)
+    scanner = bzip2_blocks._Scanner(view)
+    found, pos = [], 0
+    while (hit := scanner.next_at(pos)) is not None:
+        found.append(hit)
+        pos = hit[0] + 1
+    kinds = [kind for _, kind in found]
+    # At least four true block magics and one end magic, plus the planted
+    # ones (in block 3, which starts in the letters, and in each later block).
+    if magic == BLOCK_MAGIC:
+        assert kinds.count(bzip2_blocks._BLOCK) >= 4 + 2
+        assert kinds.count(bzip2_blocks._END) == 1
+    else:
+        assert kinds.count(bzip2_blocks._BLOCK) >= 4
+        assert kinds.count(bzip2_blocks._END) >= 1 + 2
+    before = bzip2_blocks.SERIAL_FALLBACKS
+    assert _decode(stream, workers=2) == text
+    assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
+
+
+def test_false_split_injected_falls_back(stream9, text9, monkeypatch):
+    """A split inside a block (an injected false magic) still gives the right output."""
+    real_next_at = bzip2_blocks._Scanner.next_at
+    view = memoryview(stream9)
+    scanner = bzip2_blocks._Scanner(view)
+    second = real_next_at(scanner, real_next_at(scanner, 33)[0] + 1)[0]
+    fake = second + 12345  # inside the second block
+
+    def next_at(self, pos):
+        hit = real_next_at(self, pos)
+        if pos <= fake and (hit is None or hit[0] > fake):
+            return (fake, bzip2_blocks._BLOCK)
+        return hit
+
+    monkeypatch.setattr(bzip2_blocks._Scanner, "next_at", next_at)
+    before = bzip2_blocks.SERIAL_FALLBACKS
+    assert _decode(stream9, workers=2) == text9
+    assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
+
+
+def test_scanner_finds_magics_at_every_bit_offset():
+    rng = random.Random(7)
+    for shift in range(8):
+        for magic, kind in ((BLOCK_MAGIC, bzip2_blocks._BLOCK), (END_MAGIC, bzip2_blocks._END)):
+            noise = rng.randbytes(3000)
+            pos = 8 * 1234 + shift
+            value = int.from_bytes(noise, "big")
+            width = len(noise) * 8
+            value &= ~(((1 << 48) - 1) << (width - pos - 48))
+            value |= magic << (width - pos - 48)
+            view = memoryview(value.to_bytes(len(noise), "big"))
+            scanner = bzip2_blocks._Scanner(view)
+            assert scanner.next_at(pos - 100) == (pos, kind)
+            assert bzip2_blocks._bits(view, pos, 48) == magic
+
+
+# --- corrupt and truncated input ---------------------------------------------
+
+
+def test_flipped_bit_in_a_block(stream1):
+    starts = []
+    scanner = bzip2_blocks._Scanner(memoryview(stream1))
+    pos = 0
+    while (hit := scanner.next_at(pos)) is not None:
+        starts.append(hit[0])
+        pos = hit[0] + 1
+    for bit in (starts[3] + 5000, starts[3] + 60, starts[-2] - 7):
+        data = bytearray(stream1)
+        data[bit >> 3] ^= 0x80 >> (bit & 7)
+        with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
+            _decode(bytes(data), workers=2)
+
+
+def test_wrong_combined_crc(stream1):
+    scanner = bzip2_blocks._Scanner(memoryview(stream1))
+    pos, end = 0, None
+    while (hit := scanner.next_at(pos)) is not None:
+        if hit[1] == bzip2_blocks._END:
+            end = hit[0]
+        pos = hit[0] + 1
+    bit = end + 48 + 9  # inside the combined CRC
+    data = bytearray(stream1)
+    data[bit >> 3] ^= 0x80 >> (bit & 7)
+    with pytest.raises(CodecError, match="combined CRC"):
+        _decode(bytes(data), workers=2)
+    with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
+        _decode(bytes(data), workers=1)
+
+
+def test_not_bzip2():
+    with pytest.raises(CodecError, match="bzip2 stream is"):
+        _decode(b"BZh9" + bytes(100), workers=2)
+    with pytest.raises(CodecError, match="bzip2 stream is"):
+        _decode(b"gzip" * 100, workers=2)
+
+
+def test_truncated_everywhere(stream1):
+    size = len(stream1)
+    cuts = sorted(
+        set(range(0, size, size // 37)) | set(range(size - 12, size)) | {1, 4, 9, 10, 11}
+    )
+    before = threading.active_count()
+    for cut in cuts:
+        with pytest.raises(CodecError, match=r"^bzip2 stream is (truncated|corrupt)"):
+            _decode(stream1[:cut], workers=2)
+    assert threading.active_count() == before
+
+
+# --- stopping early -----------------------------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("after", [0, 1, 2_500_000])
+def test_put_raising_stops_the_workers(stream9, after):
+    before = threading.active_count()
+    got = 0
+
+    def put(chunk):
+        nonlocal got
+        got += len(chunk)
+        if got > after:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        decode_bzip2(stream9, put, workers=2)
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("pvhboot-bzip2")]
+
+
+def test_output_limit_through_the_sink(stream9):
+    import io
+
+    from pvhboot.image.compression import _Sink
+
+    sink = _Sink("bzip2", io.BytesIO(), 1_000_000)
+    with pytest.raises(CodecError, match="more than the limit"):
+        decode_bzip2(memoryview(stream9), sink.put, workers=2)
+
+
+# --- under the decompression child's memory limit ------------------------------
+
+_CHILD = """
+import bz2, hashlib, sys
+from pvhboot.image.vmlinux_cache import apply_limits, child_limits
+from pvhboot.image import bzip2_blocks
+data = open(sys.argv[1], "rb").read()
+apply_limits(*child_limits())
+h = hashlib.sha256()
+bzip2_blocks.decode_bzip2(memoryview(data), h.update, workers=int(sys.argv[2]))
+print(h.hexdigest(), bzip2_blocks.SERIAL_FALLBACKS)
+"""
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_under_child_address_space_limit(tmp_path, stream9, text9, workers):
+    path = tmp_path / "s.bz2"
+    path.write_bytes(stream9)
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(workers)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [hashlib.sha256(text9).hexdigest(), "0"]
