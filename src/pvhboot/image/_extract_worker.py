@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
         start_i, length_i = int(start), int(length)
         if start_i < 0 or length_i < 0 or start_i + length_i > len(mm):
             raise ValueError(f"payload range {start_i}+{length_i} is outside {image}")
-        fd = os.open(out, os.O_WRONLY | os.O_TRUNC)
+        fd = os.open(out, os.O_RDWR | os.O_TRUNC)  # read too: the zstd path maps it
         try:
             with memoryview(mm) as view:
                 run_child(codec, view[start_i : start_i + length_i], fd)

@@ -514,11 +514,11 @@ def apply_limits(address_space: int, cpu_seconds: int) -> None:
 
 
 def run_child(codec: str, src, fd: int) -> None:
-    """The child's work: stream src into fd. Raises CodecError/ImageError."""
-    from .compression import decompress_to
+    """The child's work: decompress src into fd (read-write: zstd maps it).
+    Raises CodecError/ImageError."""
+    from .compression import decompress_to_fd
 
-    with open(fd, "wb", buffering=0, closefd=False) as out:
-        decompress_to(codec, src, out, max_output=MAX_VMLINUX)
+    decompress_to_fd(codec, src, fd, max_output=MAX_VMLINUX)
 
 
 def _run_forked(mm, codec, start, length, fd, what) -> None:
