@@ -42,15 +42,9 @@ def _decode(data, **kwargs) -> bytes:
     return b"".join(out)
 
 
-def _true_block_starts(stream: bytes) -> int:
-    """How many block magics the scanner finds (true and false ones)."""
-    view = memoryview(stream)
-    scanner = bzip2_blocks._Scanner(view)
-    count, pos = 0, 0
-    while (found := scanner.next_at(pos)) is not None:
-        count += found[1] == bzip2_blocks._BLOCK
-        pos = found[0] + 1
-    return count
+def _magics(stream: bytes, magic: int) -> list[int]:
+    """Bit offsets of every occurrence of ``magic`` (true or by chance)."""
+    return bzip2_blocks._MagicFinder(magic).find(memoryview(stream), 0, len(stream))
 
 
 @pytest.fixture
@@ -71,7 +65,7 @@ def text9() -> bytes:
 @pytest.fixture(scope="module")
 def stream9(text9) -> bytes:
     data = bz2.compress(text9, 9)
-    assert _true_block_starts(data) >= 4  # 900 kB blocks
+    assert len(_magics(data, BLOCK_MAGIC)) >= 4  # 900 kB blocks
     return data
 
 
@@ -83,7 +77,7 @@ def text1() -> bytes:
 @pytest.fixture(scope="module")
 def stream1(text1) -> bytes:
     data = bz2.compress(text1, 1)
-    assert _true_block_starts(data) >= 10  # 100 kB blocks
+    assert len(_magics(data, BLOCK_MAGIC)) >= 10  # 100 kB blocks
     return data
 
 
@@ -143,7 +137,7 @@ def test_size_trailer_and_garbage_ignored(stream1, text1, no_serial):
     assert _decode(stream1 + b"BZh9garbage", workers=2) == text1
 
 
-def test_concatenated_streams(text1, text9):
+def test_concatenated_streams(text1, text9, no_serial):
     a = bz2.compress(text1, 1)
     b = bz2.compress(b"", 9)
     c = bz2.compress(text9[:1_900_000], 9)
@@ -152,8 +146,17 @@ def test_concatenated_streams(text1, text9):
     expected = text1 + text9[:1_900_000] + b"tail"
     assert _decode(data, workers=2) == expected
     assert bz2.decompress(a + b + c + d) == expected
+
+
+def test_concatenated_streams_serially(text1):
     # Without threads, the same rule for what follows a stream.
-    assert _decode(data, workers=1) == expected
+    data = bz2.compress(text1, 1) + bz2.compress(b"", 9) + bz2.compress(b"end", 2) + b"\1\2\3\4"
+    assert _decode(data, workers=1) == text1 + b"end"
+
+
+def test_block_magic_in_trailing_garbage(stream9, text9):
+    garbage = b"\0\0\0\0" + BLOCK_MAGIC.to_bytes(6, "big") + bytes(range(200))
+    assert _decode(stream9 + garbage, workers=2) == text9
 
 
 def test_one_block_and_empty_streams():
@@ -174,42 +177,50 @@ def test_many_small_streams(no_serial):
 # --- false block boundaries ---------------------------------------------------
 
 
-def _planted(magic: int, seed: int) -> tuple[bytes, bytes]:
-    """Data whose compressed blocks 3 and 4 contain ``magic`` where no block starts.
+def _planted(magic: int, sizes: tuple[int, int, int]) -> tuple[bytes, bytes]:
+    """Data whose compressed blocks contain ``magic`` where no block starts.
 
     Each block lists the byte values it uses as a 256-bit map (one bit per
     value, in order) after 16 bits saying which 16-value groups are used.
     Using exactly the values whose bits spell ``magic`` from value 16 on
     (and one value in every other group) puts ``magic`` into the block.
-    Blocks 1 and 2 use letters only, so decoding starts on the parallel path.
+    The text is ``sizes[0]`` random letters, ``sizes[1]`` bytes with those
+    values, then ``sizes[2]`` letters; blocks are 500 kB.
     """
     bits = [(magic >> (47 - j)) & 1 for j in range(48)]
     alphabet = [16 + j for j in range(48) if bits[j]]
     alphabet += [group * 16 + 5 for group in range(16) if not 1 <= group <= 3]
     letters = list(range(ord("a"), ord("z") + 1))
-    text = _from_alphabet(letters, 1_100_000, seed) + _from_alphabet(alphabet, 900_000, seed)
-    return text, bz2.compress(text, 5)  # 500 kB blocks
+    text = b"".join(
+        (
+            _from_alphabet(letters, sizes[0], 1),
+            _from_alphabet(alphabet, sizes[1], 2),
+            _from_alphabet(letters, sizes[2], 3),
+        )
+    )
+    return text, bz2.compress(text, 5)
 
 
 @pytest.mark.parametrize("magic", [BLOCK_MAGIC, END_MAGIC])
-def test_planted_magic_decodes_like_serial(magic):
-    text, stream = _planted(magic, seed=3)
+def test_planted_magic_in_a_middle_block(magic):
+    # Blocks 1, 2: letters; block 3 also holds the planted values; 4, 5: letters.
+    text, stream = _planted(magic, (1_100_000, 350_000, 600_000))
     assert bz2.decompress(stream) == text
-    view = memoryview(stream)
-    scanner = bzip2_blocks._Scanner(view)
-    found, pos = [], 0
-    while (hit := scanner.next_at(pos)) is not None:
-        found.append(hit)
-        pos = hit[0] + 1
-    kinds = [kind for _, kind in found]
-    # At least four true block magics and one end magic, plus the planted
-    # ones (in block 3, which starts in the letters, and in each later block).
-    if magic == BLOCK_MAGIC:
-        assert kinds.count(bzip2_blocks._BLOCK) >= 4 + 2
-        assert kinds.count(bzip2_blocks._END) == 1
-    else:
-        assert kinds.count(bzip2_blocks._BLOCK) >= 4
-        assert kinds.count(bzip2_blocks._END) >= 1 + 2
+    # Five true block magics and one end magic, plus the planted one.
+    blocks, ends = _magics(stream, BLOCK_MAGIC), _magics(stream, END_MAGIC)
+    assert (len(blocks), len(ends)) == ((6, 1) if magic == BLOCK_MAGIC else (5, 2))
+    before = bzip2_blocks.SERIAL_FALLBACKS
+    assert _decode(stream, workers=2) == text
+    # A false block magic splits block 3: that piece fails and the rest of
+    # the stream is decoded serially. An end magic is only looked for where
+    # a stream can end, so a false one in block 3 is never seen.
+    assert bzip2_blocks.SERIAL_FALLBACKS == before + (magic == BLOCK_MAGIC)
+
+
+@pytest.mark.parametrize("magic", [BLOCK_MAGIC, END_MAGIC])
+def test_planted_magic_in_the_last_blocks(magic):
+    text, stream = _planted(magic, (1_100_000, 900_000, 0))
+    assert bz2.decompress(stream) == text
     before = bzip2_blocks.SERIAL_FALLBACKS
     assert _decode(stream, workers=2) == text
     assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
@@ -255,12 +266,7 @@ def test_scanner_finds_magics_at_every_bit_offset():
 
 
 def test_flipped_bit_in_a_block(stream1):
-    starts = []
-    scanner = bzip2_blocks._Scanner(memoryview(stream1))
-    pos = 0
-    while (hit := scanner.next_at(pos)) is not None:
-        starts.append(hit[0])
-        pos = hit[0] + 1
+    starts = _magics(stream1, BLOCK_MAGIC)
     for bit in (starts[3] + 5000, starts[3] + 60, starts[-2] - 7):
         data = bytearray(stream1)
         data[bit >> 3] ^= 0x80 >> (bit & 7)
@@ -269,12 +275,7 @@ def test_flipped_bit_in_a_block(stream1):
 
 
 def test_wrong_combined_crc(stream1):
-    scanner = bzip2_blocks._Scanner(memoryview(stream1))
-    pos, end = 0, None
-    while (hit := scanner.next_at(pos)) is not None:
-        if hit[1] == bzip2_blocks._END:
-            end = hit[0]
-        pos = hit[0] + 1
+    [end] = _magics(stream1, END_MAGIC)
     bit = end + 48 + 9  # inside the combined CRC
     data = bytearray(stream1)
     data[bit >> 3] ^= 0x80 >> (bit & 7)
