@@ -263,3 +263,31 @@ def test_invalid_payload_keeps_the_old_output(cli, make_elf, make_bzimage, codec
                           "not a valid ELF")
     assert (tmp_path / "out").read_bytes() == b"old"
     assert leftovers(tmp_path) == ["bz", "out"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["img", "-o", "out"],
+    ["img", "--output", "out", "--force"],
+    ["-f", "--output=out", "img"],
+    ["-o", "out", "img", "-f"],
+    ["img", "-o", "dir/with space"],
+])
+def test_fast_parse_agrees_with_argparse(argv):
+    from pvhboot.cli import build_parser
+    from pvhboot.commands import extract
+
+    fast = extract.fast_parse(argv)
+    slow = build_parser().parse_args(["extract", *argv])
+    assert fast is not None
+    assert (fast.image, fast.output, fast.force) == (slow.image, slow.output, slow.force)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["img"], ["-o", "out"], ["img", "-o"], ["img", "-o", "-x"], ["a", "b", "-o", "out"],
+    ["img", "-o", "a", "-o", "b"], ["--help"], ["img", "--out", "x"], ["img", "-oout"],
+    ["img", "--", "-o", "x"], ["img", "-o", "out", "--forc"], ["", "-o", "out"],
+])
+def test_fast_parse_leaves_the_rest_to_argparse(argv):
+    from pvhboot.commands import extract
+
+    assert extract.fast_parse(argv) is None
