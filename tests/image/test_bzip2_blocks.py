@@ -267,7 +267,8 @@ def test_scanner_finds_magics_at_every_bit_offset():
 
 def test_flipped_bit_in_a_block(stream1):
     starts = _magics(stream1, BLOCK_MAGIC)
-    for bit in (starts[3] + 5000, starts[3] + 60, starts[-2] - 7):
+    # Block data; a block CRC; a block magic; the last bits of a block.
+    for bit in (starts[3] + 5000, starts[3] + 60, starts[2] + 10, starts[-2] - 7):
         data = bytearray(stream1)
         data[bit >> 3] ^= 0x80 >> (bit & 7)
         with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
@@ -283,6 +284,23 @@ def test_wrong_combined_crc(stream1):
         _decode(bytes(data), workers=2)
     with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
         _decode(bytes(data), workers=1)
+
+
+def _outcome(data: bytes, workers: int):
+    try:
+        return hashlib.sha256(_decode(data, workers=workers)).hexdigest()
+    except CodecError:
+        return "CodecError"
+
+
+def test_random_bit_flips_agree_with_serial():
+    """Whatever a flipped bit does, the threads and the serial decoder agree."""
+    stream = bz2.compress(_text(420_000, seed=11), 1)  # five blocks
+    rng = random.Random(12)
+    for bit in [rng.randrange(len(stream) * 8) for _ in range(25)] + [len(stream) * 8 - 1]:
+        data = bytearray(stream)
+        data[bit >> 3] ^= 0x80 >> (bit & 7)
+        assert _outcome(bytes(data), 2) == _outcome(bytes(data), 1), bit
 
 
 def test_not_bzip2():
