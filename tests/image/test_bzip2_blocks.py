@@ -370,10 +370,9 @@ print(h.hexdigest(), bzip2_blocks.SERIAL_FALLBACKS)
 """
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_under_child_address_space_limit(tmp_path, stream9, text9, workers):
+def _run_child(tmp_path, stream: bytes, workers: int) -> list[str]:
     path = tmp_path / "s.bz2"
-    path.write_bytes(stream9)
+    path.write_bytes(stream)
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), str(workers)],
         capture_output=True,
@@ -382,4 +381,20 @@ def test_under_child_address_space_limit(tmp_path, stream9, text9, workers):
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [hashlib.sha256(text9).hexdigest(), "0"]
+    return result.stdout.split()
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_under_child_address_space_limit(tmp_path, stream9, text9, workers):
+    assert _run_child(tmp_path, stream9, workers) == [hashlib.sha256(text9).hexdigest(), "0"]
+
+
+def test_long_runs_under_child_address_space_limit(tmp_path):
+    # Runs compress best: each block holds ~45 MB of zeros, the most a
+    # block can expand to, and three are in flight at once.
+    zeros = bytes(140_000_000)
+    stream = bz2.compress(zeros, 9)
+    assert len(_magics(stream, BLOCK_MAGIC)) == 4
+    expected = hashlib.sha256(zeros).hexdigest()
+    del zeros
+    assert _run_child(tmp_path, stream, 2) == [expected, "0"]

@@ -62,9 +62,12 @@ OUT_CHUNK = 1 << 20
 # a step at a time just ahead of the blocks being decoded, so it overlaps
 # the decoding instead of delaying the first block (~4 ms per MiB).
 SCAN_WINDOW = 1 << 20
-# Each worker holds up to two blocks' output (up to ~45 MB each for a
-# hostile block made of maximal runs); more workers than this buys little
-# for a kernel-sized stream and would raise that bound.
+# Blocks in flight: one per worker plus one decoded ahead (measured as fast
+# as two per worker). Each holds its whole output until its turn: normally
+# ~2 MB, but up to ~45 MB for a block of long runs (a big zero-filled area),
+# so more workers than this would raise the bound for little gain on a
+# kernel-sized stream (and each thread's malloc arena reserves 64 MiB of
+# address space under the decompression child's RLIMIT_AS).
 MAX_WORKERS = 4
 
 _BLOCK, _END, _BAD = 0, 1, 2
@@ -111,7 +114,7 @@ def decode_bzip2(mv, put: Callable[[bytes], None], *, workers: int | None = None
         _serial(view, 0, 0, put)
         return
     try:
-        _consume(view, _chain(head, plan), pool, put, window=2 * count)
+        _consume(view, _chain(head, plan), pool, put, window=count + 1)
     finally:
         pool.close()
 
