@@ -464,7 +464,7 @@ def test_fd_decode_under_the_child_memory_limit(codec, tmp_path):
     assert out.read_bytes() == data
 
 
-@pytest.mark.parametrize("codec", ["lz4", "lzo", "zstd"])
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "lzo", "zstd"])
 def test_fd_fast_paths_are_taken(codec, sample, streams, tmp_path):
     # The streaming fallback would pass every test above on its own: check
     # the fast path itself finishes (where its prerequisites are there).
@@ -472,10 +472,14 @@ def test_fd_fast_paths_are_taken(codec, sample, streams, tmp_path):
 
     from pvhboot.image import compression
 
-    if compression._PARALLEL < 2 and codec != "zstd":
+    if compression._PARALLEL < 2 and codec in ("lz4", "lzo"):
         pytest.skip("one CPU: the threaded path is not used")
     if codec == "zstd" and compression._libzstd() is None:
         pytest.skip("no libzstd.so.1")
+    if codec == "gzip" and compression._libdeflate() is None:
+        pytest.skip("no libdeflate.so.0")
+    if codec == "gzip":
+        streams = {"gzip": streams["gzip"][:-4]}  # the fixture adds a size; gzip has ISIZE
     path = tmp_path / "out"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
@@ -485,3 +489,52 @@ def test_fd_fast_paths_are_taken(codec, sample, streams, tmp_path):
         os.close(fd)
     assert n == len(sample)
     assert path.read_bytes()[:n] == sample
+
+
+def test_fd_gzip_wrong_isize_hint_falls_back(sample, streams, tmp_path):
+    # Bytes after the member (a vmlinux.gz with padding) make the last four
+    # bytes no ISIZE: the output is still exactly the member's.
+    stream = streams["gzip"]  # gzip has no Linux trailer: the member ends the payload
+    tails = [b"\x00" * 4, b"\xff\xff\xff\x7f", b"junk junk", (12345).to_bytes(4, "little"),
+             (len(sample) + 100).to_bytes(4, "little")]  # none, huge, short, long hints
+    for tail in tails:
+        assert _to_file("gzip", stream + tail, tmp_path) == sample
+    bad = bytearray(stream)
+    bad[len(bad) // 2] ^= 0xFF
+    with pytest.raises(CodecError, match="gzip stream is corrupt"):
+        _to_file("gzip", bytes(bad), tmp_path)
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "lzo", "zstd"])
+def test_fd_fuzz_raises_only_codec_error(codec, streams, tmp_path):
+    # The file paths on mutated streams (sizes, hints and block headers
+    # included): output within the limit or CodecError, no thread left over.
+    import os
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    real = streams[codec][:6000] + streams[codec][-4:]
+    path = tmp_path / "fuzz"
+    before = _threads_left()
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        flips=st.lists(st.tuples(st.integers(0, len(real) - 1), st.integers(1, 255)),
+                       max_size=6),
+        cut=st.integers(0, len(real)),
+    )
+    def check(flips, cut):
+        data = _mutate(real, flips)[:cut]
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            n = decompress_to_fd(codec, data, fd, max_output=1 << 22)
+            assert os.fstat(fd).st_size == n <= 1 << 22
+        except CodecError as exc:
+            assert codec in str(exc) and "\n" not in str(exc)
+        finally:
+            os.close(fd)
+        assert _threads_left() == before
+
+    check()

@@ -650,8 +650,6 @@ _PARALLEL = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinit
 _POPULATE_STEP = 4 << 20
 # madvise(2) MADV_POPULATE_WRITE (Linux 5.14): fault pages in writable.
 _MADV_POPULATE_WRITE = 23
-# zstd's ZSTD_ErrorCode for "destination buffer too small" (zstd_errors.h).
-_ZSTD_ERROR_DST_SIZE_TOO_SMALL = 70
 
 
 class _Worker:
@@ -774,12 +772,14 @@ def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
     """Like :func:`decompress_to`, into the regular file open at ``fd``.
 
     The file's previous contents are discarded; on return it holds exactly
-    the output (its size is the return value). For lz4, lzo and zstd this
-    uses both CPUs and writes without intermediate copies: see the section
-    comment above. A fast path that cannot finish (the zstd size hint was
-    wrong, the file cannot be mapped) leaves the file empty and the
-    streaming decoder starts again; a corrupt stream raises CodecError
-    either way. OSError (a full disk) propagates as it is.
+    the output (its size is the return value). For gzip, lz4, lzo and zstd
+    this uses both CPUs and writes without intermediate copies: see the
+    section comment above. A fast path that cannot finish (a wrong size
+    hint, a file that cannot be mapped, a stream the fast decoder refuses)
+    truncates the file and the streaming decoder starts again, so the
+    output and the error messages are the streaming decoder's; a corrupt
+    stream raises CodecError either way. OSError (a full disk) propagates
+    as it is.
     """
     fast = _FD_DECODERS.get(codec)
     if fast is not None:
@@ -805,7 +805,7 @@ def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
         return decompress_to(codec, src, out, max_output=max_output)
 
 
-# --- lz4 into a file: decode on this thread, write on another ------------------
+# --- lz4 into a file: blocks decoded on two threads ----------------------------
 
 
 _lz4_safe_fn = None
@@ -974,10 +974,6 @@ def _libzstd():
                                                 ctypes.c_void_p, ctypes.c_size_t)
                 lib.ZSTD_isError.restype = ctypes.c_uint
                 lib.ZSTD_isError.argtypes = (ctypes.c_size_t,)
-                lib.ZSTD_getErrorCode.restype = ctypes.c_int
-                lib.ZSTD_getErrorCode.argtypes = (ctypes.c_size_t,)
-                lib.ZSTD_getErrorName.restype = ctypes.c_char_p
-                lib.ZSTD_getErrorName.argtypes = (ctypes.c_size_t,)
                 _libzstd_lib = lib
         except (OSError, AttributeError):
             pass
@@ -1025,6 +1021,24 @@ def _zstd_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         hint = int.from_bytes(mv[frame_end:], "little")
     if not hint or hint > max_output:
         return None
+
+    def decode(dst: int, capacity: int, src: int) -> int | None:
+        result = lib.ZSTD_decompress(dst, capacity, src, frame_end)
+        # Any error (a short hint or a corrupt stream) goes to the streaming
+        # decoder: it says what is wrong in the words the other paths use.
+        return None if lib.ZSTD_isError(result) else result
+
+    return _into_mapping(mv, fd, hint, decode)
+
+
+def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
+    """Run ``decode(dst, hint, src)`` (addresses) with the file at ``fd``
+    grown to ``hint`` bytes and mapped shared at ``dst``, while the other
+    thread faults the mapping in ahead of it. The result is the decoded
+    size, or None (the caller falls back) when the decoder says the space
+    was short or the size is not exactly ``hint``. The caller has checked
+    ``hint`` against max_output.
+    """
     import mmap
 
     try:
@@ -1032,26 +1046,83 @@ def _zstd_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         out = mmap.mmap(fd, hint, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError):
         return None  # not mappable (a write-only descriptor, no address space)
-    result = 0
     try:
         with _Pinned(mv) as src, _Pinned(out) as dst:
             helper = _Worker(_populate, dst, hint) if _PARALLEL > 1 else None
             try:
-                result = lib.ZSTD_decompress(dst, hint, src, frame_end)
+                result = decode(dst, hint, src)
             finally:
                 if helper is not None:
                     helper.stop = True
                     helper.join()
     finally:
         out.close()
-    if lib.ZSTD_isError(result):
-        if lib.ZSTD_getErrorCode(result) == _ZSTD_ERROR_DST_SIZE_TOO_SMALL:
-            return None
-        name = lib.ZSTD_getErrorName(result).decode("ascii", "replace")
-        raise CodecError(f"zstd stream is corrupt: {name}")
-    if result != hint:
+    return result if result == hint else None
+
+
+# --- gzip into a mapping of the file, with libdeflate ------------------------------
+
+_libdeflate_lib = None
+# libdeflate.h enum libdeflate_result.
+_LIBDEFLATE_SUCCESS = 0
+
+
+def _libdeflate():
+    """The system's libdeflate through ctypes, or None.
+
+    A whole-buffer inflater: ~3.5 ms for the 12 MB test kernel where zlib
+    takes ~34 ms (and ~40 ms against ~166 ms at 53 MB). It needs the output
+    size up front, which gzip's ISIZE field gives.
+    """
+    global _libdeflate_lib
+    if _libdeflate_lib is None:
+        _libdeflate_lib = False
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libdeflate.so.0")
+            lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
+            lib.libdeflate_alloc_decompressor.argtypes = ()
+            lib.libdeflate_free_decompressor.restype = None
+            lib.libdeflate_free_decompressor.argtypes = (ctypes.c_void_p,)
+            size_p = ctypes.POINTER(ctypes.c_size_t)
+            lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
+            lib.libdeflate_gzip_decompress_ex.argtypes = (
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                ctypes.c_size_t, size_p, size_p)
+            _libdeflate_lib = lib
+        except (OSError, AttributeError):
+            pass
+    return _libdeflate_lib or None
+
+
+def _gzip_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
+    lib = _libdeflate()
+    if lib is None or len(mv) < 18:  # RFC 1952: 10-byte header, 8-byte trailer
         return None
-    return result
+    # ISIZE (RFC 1952 2.3.1: the input size modulo 2^32) ends the member,
+    # and a bzImage's gzip payload ends with its member (Linux appends no
+    # size for gzip). A hint only: the decoder checks ISIZE and CRC32 itself.
+    hint = int.from_bytes(mv[-4:], "little")
+    if not hint or hint > max_output:
+        return None
+    import ctypes
+
+    def decode(dst: int, capacity: int, src: int) -> int | None:
+        d = lib.libdeflate_alloc_decompressor()
+        if not d:
+            raise MemoryError
+        used, got = ctypes.c_size_t(), ctypes.c_size_t()
+        try:
+            rc = lib.libdeflate_gzip_decompress_ex(d, src, len(mv), dst, capacity,
+                                                   ctypes.byref(used), ctypes.byref(got))
+        finally:
+            lib.libdeflate_free_decompressor(d)
+        # Any failure (a wrong ISIZE hint, a corrupt or truncated stream)
+        # goes to zlib's streaming decoder, which says what is wrong.
+        return got.value if rc == _LIBDEFLATE_SUCCESS else None
+
+    return _into_mapping(mv, fd, hint, decode)
 
 
 def _populate(me: _Worker, address: int, size: int) -> None:
@@ -1086,7 +1157,8 @@ def _populate_range(address: int, size: int) -> bool:
     return _madvise_fn(start, size + (address - start), _MADV_POPULATE_WRITE) == 0
 
 
-_FD_DECODERS = {"lz4": _lz4_to_fd, "lzo": _lzo_to_fd, "zstd": _zstd_to_fd}
+_FD_DECODERS = {"gzip": _gzip_to_fd, "lz4": _lz4_to_fd, "lzo": _lzo_to_fd,
+                "zstd": _zstd_to_fd}
 
 
 _DECODERS: dict[str, Callable[[memoryview, _Sink], None]] = {
