@@ -124,14 +124,44 @@ def test_interrupt_removes_the_temporary_file(codec_bzimage, tmp_path, monkeypat
     data, _ = codec_bzimage("gzip")
     (tmp_path / "bz").write_bytes(data)
 
-    def interrupted(codec, src, out, *, max_output):
-        out.write(b"\x7fELF partial")
+    def interrupted(codec, src, fd, *, max_output):
+        os.write(fd, b"\x7fELF partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compression, "decompress_to", interrupted)
+    monkeypatch.setattr(compression, "decompress_to_fd", interrupted)
     with pytest.raises(KeyboardInterrupt):
         extract(str(tmp_path / "bz"), str(tmp_path / "out"))
     assert leftovers(tmp_path) == ["bz"]
+
+
+@pytest.mark.parametrize("codec", ["lz4", "lzo"])
+def test_interrupt_in_a_worker_thread_path(codec_bzimage, tmp_path, monkeypatch, codec):
+    # Ctrl-C while the two decoder threads write: both stop, the temporary
+    # file goes, nothing is left running.
+    import _thread
+
+    from pvhboot.commands.extract import extract
+    from pvhboot.image import compression
+
+    data, _ = codec_bzimage(codec)
+    (tmp_path / "bz").write_bytes(data)
+    real = compression._pwrite_all
+    calls = []
+
+    def flaky(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(fd, view, offset)
+
+    monkeypatch.setattr(compression, "_pwrite_all", flaky)
+    before = _thread._count()
+    with pytest.raises(KeyboardInterrupt):
+        extract(str(tmp_path / "bz"), str(tmp_path / "out"))
+    assert leftovers(tmp_path) == ["bz"]
+    assert _thread._count() == before
+    if compression._PARALLEL > 1:
+        assert calls  # the threaded path ran
 
 
 @pytest.mark.kernel

@@ -888,7 +888,7 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         except BaseException as exc:
             state.setdefault("error", exc)
         finally:
-            buf.close()
+            _close_quietly(buf)
 
     src = _Pinned(mv)
     try:
@@ -1056,8 +1056,18 @@ def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
                     helper.stop = True
                     helper.join()
     finally:
-        out.close()
+        _close_quietly(out)
     return result if result == hint else None
+
+
+def _close_quietly(mapping) -> None:
+    """Close an mmap unless a view of it is still alive (say, in the traceback
+    of the error being raised: BufferError would replace that error). The
+    memory goes when the last view does."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
 
 
 # --- gzip into a mapping of the file, with libdeflate ------------------------------
