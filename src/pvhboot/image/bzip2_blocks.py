@@ -69,6 +69,8 @@ SCAN_WINDOW = 1 << 20
 # kernel-sized stream (and each thread's malloc arena reserves 64 MiB of
 # address space under the decompression child's RLIMIT_AS).
 MAX_WORKERS = 4
+# How long submit() waits for an idle worker to take a piece (normally ~0.1 ms).
+HANDOVER_WAIT = 0.005
 
 _BLOCK, _END, _BAD = 0, 1, 2
 
@@ -200,7 +202,7 @@ def _fallback(view, stream: int, skip: int, put) -> None:
 class _Piece:
     """One step of a stream's layout, in order: a block, an end, or 'not understood'."""
 
-    __slots__ = ("kind", "stream", "level", "start", "end", "crc", "chunks", "done")
+    __slots__ = ("kind", "stream", "level", "start", "end", "crc", "data", "chunks", "done")
 
     def __init__(self, kind: int, stream: int, level=0, start=0, end=0, crc=0):
         self.kind = kind
@@ -209,6 +211,7 @@ class _Piece:
         self.start = start  # bit offset of the block magic
         self.end = end  # bit offset of the magic that follows it
         self.crc = crc  # block CRC, or the stream's combined CRC for _END
+        self.data = None  # the re-wrapped stream, while queued
         self.chunks = None
         self.done = False
 
@@ -399,6 +402,7 @@ class _Pool:
         self.cv = threading.Condition()
         self.todo: deque[_Piece] = deque()
         self.stop = False
+        self.idle = 0  # workers waiting for a piece
         self.threads: list = []
         try:
             for n in range(count):
@@ -412,9 +416,20 @@ class _Pool:
             raise
 
     def submit(self, piece: _Piece) -> None:
+        # Re-wrapped here, not by the worker: a worker then needs the GIL
+        # only for a moment before libbz2 releases it, so this thread's
+        # scanning does not hold it up.
+        try:
+            piece.data = _rewrap(self.view, piece)
+        except MemoryError:
+            piece.data = None  # the worker reports a failure: decoded serially
         with self.cv:
             self.todo.append(piece)
             self.cv.notify()
+            if self.idle:
+                # Hand the GIL over until an idle worker has taken the piece
+                # (otherwise it waits for this thread's next blocking call).
+                self.cv.wait_for(lambda: not self.todo or self.stop, HANDOVER_WAIT)
 
     def result(self, piece: _Piece) -> list | None:
         """Wait for ``piece``: its output chunks, or None if it failed to decode."""
@@ -442,10 +457,13 @@ class _Pool:
         while True:
             with cv:
                 while not todo and not self.stop:
+                    self.idle += 1
                     cv.wait()
+                    self.idle -= 1
                 if self.stop:
                     return
                 piece = todo.popleft()
+                cv.notify_all()  # submit() may be waiting for this
             try:
                 chunks = self._decode(piece)
             except BaseException:  # MemoryError and the like: let the serial path decide
@@ -458,7 +476,9 @@ class _Pool:
     def _decode(self, piece: _Piece) -> list | None:
         import bz2
 
-        data = _rewrap(self.view, piece)
+        data, piece.data = piece.data, None
+        if data is None:
+            return None
         d = bz2.BZ2Decompressor()
         chunks = []
         while not d.eof:
