@@ -11,7 +11,8 @@ the rest of the stream decode serially from its start (skipping the output
 already delivered), so the output is always the serial decoder's output.
 
 The re-wrapped streams no longer check the original stream's combined CRC,
-so it is recomputed here from the block CRCs and compared.
+so it is recomputed here from the block CRCs and compared. End magics are
+only looked for where a stream can end (see :class:`_Scanner`).
 
 bzip2 format facts (libbz2 ``compress.c``/``decompress.c``; Joe Tsai's
 "bzip2 format specification"):
@@ -24,8 +25,8 @@ bzip2 format facts (libbz2 ``compress.c``/``decompress.c``; Joe Tsai's
 - combined CRC: for each block in order, ``c = rotl32(c, 1) ^ block_crc``.
 
 Like the bzip2 CLI, streams that follow each other are decoded one after the
-other; bytes after the last stream (Linux's 4-byte size trailer) that do not
-start another stream are ignored.
+other (a header, a level digit and a block or end magic start another one);
+bytes after the last stream (Linux's 4-byte size trailer) are ignored.
 
 Decoding runs in threads: ``bz2.BZ2Decompressor`` releases the GIL while it
 works. Only a few blocks are in flight at a time and their output goes to
@@ -60,7 +61,7 @@ IN_CHUNK = 256 << 10
 OUT_CHUNK = 1 << 20
 # Bytes searched for magics per step. The search runs in the calling thread,
 # a step at a time just ahead of the blocks being decoded, so it overlaps
-# the decoding instead of delaying the first block (~4 ms per MiB).
+# the decoding instead of delaying the first block (~3 ms per MiB).
 SCAN_WINDOW = 1 << 20
 # Blocks in flight: one per worker plus one decoded ahead (measured as fast
 # as two per worker). Each holds its whole output until its turn: normally
