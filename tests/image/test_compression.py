@@ -440,7 +440,7 @@ def test_fd_zstd_corrupt_is_an_error(streams, tmp_path):
         _to_file("zstd", bytes(stream), tmp_path)
 
 
-@pytest.mark.parametrize("codec", ["lz4", "lzo", "zstd"])
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "lzo", "zstd", "zstd-lying-trailer"])
 def test_fd_decode_under_the_child_memory_limit(codec, tmp_path):
     # The vmlinux cache's worker runs the decoders with RLIMIT_AS at its own
     # baseline + CHILD_EXTRA_MEMORY: threads, buffers and mappings must fit.
@@ -450,8 +450,15 @@ def test_fd_decode_under_the_child_memory_limit(codec, tmp_path):
 
     data = _sample(20 << 20, 6)
     cmd = {"lz4": ["lz4", "-l", "-9", "-c"], "lzo": ["lzop", "-9", "-c"],
-           "zstd": ["zstd", "-19", "-q", "-c", "-"]}[codec]
-    stream = _cli(cmd, data) + _trailer(data)
+           "zstd": ["zstd", "-19", "-q", "-c", "-"], "gzip": ["gzip", "-n", "-9", "-c"],
+           "zstd-lying-trailer": ["zstd", "-19", "-q", "-c", "-"]}[codec]
+    stream = _cli(cmd, data) + (_trailer(data) if codec != "gzip" else b"")
+    if codec == "zstd-lying-trailer":
+        # Claims just under MAX_VMLINUX: the mapping does not fit the limit,
+        # and the streaming decoder must take over.
+        from pvhboot.image.vmlinux_cache import MAX_VMLINUX
+
+        codec, stream = "zstd", stream[:-4] + (MAX_VMLINUX - 1).to_bytes(4, "little")
     src = tmp_path / "stream"
     src.write_bytes(stream)
     out = tmp_path / "out"
