@@ -226,6 +226,15 @@ def test_planted_magic_in_the_last_blocks(magic):
     assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
 
 
+def test_fallback_in_a_later_stream(stream1, text1):
+    # The serial decoder restarts at the second stream, skipping the output
+    # of its first two blocks, which went out already.
+    text, stream = _planted(BLOCK_MAGIC, (1_100_000, 350_000, 600_000))
+    before = bzip2_blocks.SERIAL_FALLBACKS
+    assert _decode(stream1 + stream + stream1, workers=2) == text1 + text + text1
+    assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
+
+
 def test_false_split_injected_falls_back(stream9, text9, monkeypatch):
     """A split inside a block (an injected false magic) still gives the right output."""
     real_next_at = bzip2_blocks._Scanner.next_at
