@@ -367,21 +367,24 @@ def test_output_limit_through_the_sink(stream9):
 
 _CHILD = """
 import bz2, hashlib, sys
-from pvhboot.image.vmlinux_cache import apply_limits, child_limits
+from pvhboot.image.vmlinux_cache import _address_space_now, apply_limits, child_limits
 from pvhboot.image import bzip2_blocks
 data = open(sys.argv[1], "rb").read()
-apply_limits(*child_limits())
+if len(sys.argv) > 3:  # a tighter limit than the child's: baseline + argv[3] MiB
+    apply_limits(_address_space_now() + (int(sys.argv[3]) << 20), 60)
+else:
+    apply_limits(*child_limits())
 h = hashlib.sha256()
 bzip2_blocks.decode_bzip2(memoryview(data), h.update, workers=int(sys.argv[2]))
 print(h.hexdigest(), bzip2_blocks.SERIAL_FALLBACKS)
 """
 
 
-def _run_child(tmp_path, stream: bytes, workers: int) -> list[str]:
+def _run_child(tmp_path, stream: bytes, workers: int, *extra_mib: int) -> list[str]:
     path = tmp_path / "s.bz2"
     path.write_bytes(stream)
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(path), str(workers)],
+        [sys.executable, "-c", _CHILD, str(path), str(workers), *map(str, extra_mib)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -394,6 +397,15 @@ def _run_child(tmp_path, stream: bytes, workers: int) -> list[str]:
 @pytest.mark.parametrize("workers", [2, 4])
 def test_under_child_address_space_limit(tmp_path, stream9, text9, workers):
     assert _run_child(tmp_path, stream9, workers) == [hashlib.sha256(text9).hexdigest(), "0"]
+
+
+def test_tight_address_space_limit(tmp_path, stream9, text9):
+    # 24 MiB more than the interpreter has mapped: too little for the
+    # threads' malloc arenas (64 MiB each), so the workers share the main
+    # arena or fail and the serial decoder takes over; either way the
+    # output must be right and no MemoryError may escape.
+    digest, _fallbacks = _run_child(tmp_path, stream9, 2, 24)
+    assert digest == hashlib.sha256(text9).hexdigest()
 
 
 def test_long_runs_under_child_address_space_limit(tmp_path):

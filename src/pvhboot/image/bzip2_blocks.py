@@ -70,6 +70,8 @@ SCAN_WINDOW = 1 << 20
 # kernel-sized stream (and each thread's malloc arena reserves 64 MiB of
 # address space under the decompression child's RLIMIT_AS).
 MAX_WORKERS = 4
+# Worker thread stack size (see _Pool).
+THREAD_STACK = 1 << 20
 # How long submit() waits for an idle worker to take a piece (normally ~0.1 ms).
 HANDOVER_WAIT = 0.005
 
@@ -172,7 +174,9 @@ def _consume(view, pieces: Iterator[_Piece], pool: _Pool, put, *, window: int) -
             in_flight -= 1
             chunks = pool.result(piece)
             if chunks is None:  # not a block after all, or a corrupt one
-                pool.cancel()
+                # Free the threads' stacks and the blocks decoded ahead first.
+                pool.close()
+                pending.clear()
                 _fallback(view, stream, emitted, put)
                 return
             for chunk in chunks:
@@ -186,7 +190,8 @@ def _consume(view, pieces: Iterator[_Piece], pool: _Pool, put, *, window: int) -
                     f"match its blocks' CRCs (0x{combined:08x})"
                 )
         else:  # the layout is not understood from here on: let libbz2 say why
-            pool.cancel()
+            pool.close()
+            pending.clear()
             _fallback(view, stream, emitted, put)
             return
 
@@ -405,6 +410,15 @@ class _Pool:
         self.stop = False
         self.idle = 0  # workers waiting for a piece
         self.threads: list = []
+        # The default stack is RLIMIT_STACK (8 MiB), address space that the
+        # decompression child's RLIMIT_AS counts and glibc keeps cached
+        # after the thread ends. A worker runs a few Python frames and
+        # libbz2 (a few KiB of stack).
+        previous = threading.stack_size()
+        try:
+            threading.stack_size(THREAD_STACK)
+        except (ValueError, RuntimeError):  # not settable here: keep the default
+            previous = None
         try:
             for n in range(count):
                 thread = threading.Thread(
@@ -415,6 +429,9 @@ class _Pool:
         except BaseException:
             self.close()
             raise
+        finally:
+            if previous is not None:
+                threading.stack_size(previous)
 
     def submit(self, piece: _Piece) -> None:
         # Re-wrapped here, not by the worker: a worker then needs the GIL
