@@ -545,3 +545,29 @@ def test_fd_fuzz_raises_only_codec_error(codec, streams, tmp_path):
         assert _threads_left() == before
 
     check()
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "lzo", "zstd"])
+def test_fd_file_size_limit_is_a_clean_oserror(codec, streams, tmp_path):
+    # A file that cannot grow (RLIMIT_FSIZE here, a full disk in life) is an
+    # OSError from every path, never a signal from a store into a mapping.
+    import sys
+
+    src = tmp_path / "stream"
+    src.write_bytes(streams[codec])
+    code = f"""
+import errno, os, resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from pvhboot.image.compression import decompress_to_fd
+data = open({str(src)!r}, "rb").read()
+fd = os.open({str(tmp_path / "out")!r}, os.O_RDWR | os.O_CREAT)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    decompress_to_fd({codec!r}, data, fd, max_output=1 << 30)
+except OSError as exc:
+    print("OSError", errno.errorcode.get(exc.errno))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "OSError EFBIG"
