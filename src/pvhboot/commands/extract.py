@@ -9,7 +9,9 @@ The output equals what the codec's own CLI prints for the payload. It is
 written to a temporary file next to OUT and renamed into place, so OUT is
 either absent, the old file, or complete; the temporary file is removed on
 every error path, Ctrl-C included. Memory stays bounded: the input is an
-mmap and the decoder streams into the file.
+mmap and the decoder writes into the file (pvhboot.image.compression's
+decompress_to_fd: two threads, no copies through Python where the codec
+allows).
 
 What is written is checked with :func:`pvhboot.image.elf.parse_elf` (a plain
 ELF before it is copied, a decompressed payload on the temporary file before
