@@ -253,20 +253,29 @@ def test_false_split_injected_falls_back(stream9, text9, monkeypatch):
     assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
 
 
+def _with_magic(noise: bytes, pos: int, magic: int) -> memoryview:
+    width = len(noise) * 8
+    value = int.from_bytes(noise, "big")
+    value &= ~(((1 << 48) - 1) << (width - pos - 48))
+    value |= magic << (width - pos - 48)
+    return memoryview(value.to_bytes(len(noise), "big"))
+
+
 def test_scanner_finds_magics_at_every_bit_offset():
     rng = random.Random(7)
     for shift in range(8):
         for magic, kind in ((BLOCK_MAGIC, bzip2_blocks._BLOCK), (END_MAGIC, bzip2_blocks._END)):
-            noise = rng.randbytes(3000)
             pos = 8 * 1234 + shift
-            value = int.from_bytes(noise, "big")
-            width = len(noise) * 8
-            value &= ~(((1 << 48) - 1) << (width - pos - 48))
-            value |= magic << (width - pos - 48)
-            view = memoryview(value.to_bytes(len(noise), "big"))
-            scanner = bzip2_blocks._Scanner(view)
-            assert scanner.next_at(pos - 100) == (pos, kind)
+            view = _with_magic(rng.randbytes(3000), pos, magic)
+            assert bzip2_blocks._Scanner(view).next_at(pos - 100) == (pos, kind)
             assert bzip2_blocks._bits(view, pos, 48) == magic
+            # At the very end of the data, and across a scan window's edge.
+            last = (3000 - 7) * 8 + shift if shift else (3000 - 6) * 8
+            view = _with_magic(rng.randbytes(3000), last, magic)
+            assert bzip2_blocks._MagicFinder(magic).find(view, 0, 3000)[-1:] == [last]
+            edge = bzip2_blocks.SCAN_WINDOW * 8 - 20 + shift
+            view = _with_magic(bytes(bzip2_blocks.SCAN_WINDOW + 100), edge, magic)
+            assert bzip2_blocks._MagicFinder(magic).find(view, 0, len(view)) == [edge]
 
 
 # --- corrupt and truncated input ---------------------------------------------

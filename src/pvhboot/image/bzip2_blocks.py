@@ -243,33 +243,45 @@ class _MagicFinder:
     """Finds one 48-bit magic at every bit offset.
 
     A magic starting ``s`` bits into byte ``i - 1`` fully covers bytes
-    ``i .. i + 4``; those five bytes depend only on ``s``, so one regular
-    expression over the 8 shifted patterns finds every candidate, and each
-    is then checked against all 48 bits. (~3 ms per MiB; holds the GIL.)
+    ``i .. i + 4``; those five bytes depend only on ``s``. The data is
+    translated to 1 for the (~40) byte values in any of the 8 shifted
+    patterns and 0 elsewhere, so one ``find`` of five 1s yields every
+    candidate (plus a few thousand others per MiB, rejected by a dict
+    lookup), and each is then checked against all 48 bits. About 1.6 ms per
+    MiB, half the time of a regular expression over the 8 patterns; it holds
+    the GIL.
     """
 
-    def __init__(self, magic: int):
-        import re
+    RUN = b"\1" * 5
 
+    def __init__(self, magic: int):
         self.magic = magic
         self.shifts: dict[bytes, int] = {}
         for shift in range(8):
             self.shifts[(magic << (8 - shift)).to_bytes(7, "big")[1:6]] = shift
-        self.search = re.compile(b"|".join(re.escape(p) for p in self.shifts)).search
+        used = {byte for pattern in self.shifts for byte in pattern}
+        self.table = bytes(1 if value in used else 0 for value in range(256))
 
     def find(self, view, lo: int, hi: int) -> list[int]:
         """Bit offsets of the magic at byte-granular ``i`` in [lo, hi), ascending."""
-        size, shifts, magic, search = len(view), self.shifts, self.magic, self.search
-        lo = max(lo, 1)
-        endpos = min(size, hi + 4)
+        size, shifts, magic, run = len(view), self.shifts, self.magic, self.RUN
+        end = size * 8
         found = []
-        match = search(view, lo, endpos)
-        while match is not None:
-            i = match.start()
-            pos = ((i - 1) << 3) + shifts[match.group()]
-            if pos + MAGIC_BITS <= size * 8 and _bits(view, pos, MAGIC_BITS) == magic:
-                found.append(pos)
-            match = search(view, i + 1, endpos)
+        lo = max(lo, 1)
+        hi = min(hi, size - 4)  # i + 5 <= size
+        while lo < hi:
+            step = min(hi, lo + SCAN_WINDOW)
+            chunk = bytes(view[lo : step + 4])
+            marks = chunk.translate(self.table)
+            j = marks.find(run, 0, step - lo + 4)
+            while j >= 0:
+                shift = shifts.get(chunk[j : j + 5])
+                if shift is not None:
+                    pos = ((lo + j - 1) << 3) + shift
+                    if pos + MAGIC_BITS <= end and _bits(view, pos, MAGIC_BITS) == magic:
+                        found.append(pos)
+                j = marks.find(run, j + 1, step - lo + 4)
+            lo = step
         # In order of i; within one i at most one shift matches.
         return found
 
