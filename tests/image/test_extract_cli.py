@@ -141,11 +141,11 @@ def test_interrupt_in_a_worker_thread_path(codec_bzimage, tmp_path, monkeypatch,
     import _thread
 
     from pvhboot.commands.extract import extract
-    from pvhboot.image import compression
+    from pvhboot.image import compression_fd
 
     data, _ = codec_bzimage(codec)
     (tmp_path / "bz").write_bytes(data)
-    real = compression._pwrite_all
+    real = compression_fd._pwrite_all
     calls = []
 
     def flaky(fd, view, offset):
@@ -154,13 +154,13 @@ def test_interrupt_in_a_worker_thread_path(codec_bzimage, tmp_path, monkeypatch,
             raise KeyboardInterrupt
         real(fd, view, offset)
 
-    monkeypatch.setattr(compression, "_pwrite_all", flaky)
+    monkeypatch.setattr(compression_fd, "_pwrite_all", flaky)
     before = _thread._count()
     with pytest.raises(KeyboardInterrupt):
         extract(str(tmp_path / "bz"), str(tmp_path / "out"))
     assert leftovers(tmp_path) == ["bz"]
     assert _thread._count() == before
-    if compression._PARALLEL > 1:
+    if compression_fd._PARALLEL > 1:
         assert calls  # the threaded path ran
 
 

@@ -1,0 +1,561 @@
+"""The file paths of :func:`pvhboot.image.compression.decompress_to_fd`.
+
+Kept apart from compression.py, which the boot path imports (for
+detect_codec) and which should stay small to load.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import CodecError
+from .compression import (
+    _SIZE_TRAILER,
+    _ZSTD_DID_SIZES,
+    _ZSTD_FCS_SIZES,
+    LZ4_LEGACY_BLOCK,
+    ZSTD_MAX_WINDOW,
+    _lz4_blocks,
+    _lzop_blocks,
+    _lzop_decode,
+    _one_line,
+    _too_big,
+    _zstd_frame_end,
+    decompress_to,
+)
+
+# --- straight into a file -------------------------------------------------------
+#
+# ``pvhboot extract`` and the vmlinux cache write a file, so the decoders below
+# write it themselves: lz4 and lzo blocks decoded on both threads and written
+# in place with os.pwrite, or (zstd, gzip: one stream, one thread) a decode
+# straight into a shared mapping of the file while the other thread faults
+# its pages in ahead. None holds the whole output in anonymous memory: on
+# the VMs this runs on, first touch of fresh memory costs ~0.5 ms per MiB,
+# about as much as decoding lz4.
+#
+# Threads are plain ``_thread`` threads (``threading`` costs imports). A worker
+# never outlives the call that started it: every exit path, an error or
+# Ctrl-C included, stops it and waits for it (:meth:`_Worker.join`).
+
+# Decoders only start a second thread when a second CPU is there to run it.
+_PARALLEL = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+# zstd: the helper pre-faults the output mapping in steps of this size, ahead
+# of the decoder, so that the decoder thread takes no page faults.
+_POPULATE_STEP = 4 << 20
+# madvise(2) MADV_POPULATE_WRITE (Linux 5.14): fault pages in writable.
+_MADV_POPULATE_WRITE = 23
+
+
+class _Worker:
+    """A thread running ``fn(worker, *args)``; :meth:`join` waits for it, always."""
+
+    __slots__ = ("error", "stop", "_done")
+
+    def __init__(self, fn, *args):
+        import _thread
+
+        self.error: BaseException | None = None
+        self.stop = False  # asked to stop early: fn checks it between steps
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        _thread.start_new_thread(self._run, (fn, args))
+
+    def _run(self, fn, args) -> None:
+        try:
+            fn(self, *args)
+        except BaseException as exc:  # reported by join's caller
+            self.error = exc
+        finally:
+            self._done.release()
+
+    def join(self) -> None:
+        """Wait for the thread; Ctrl-C meanwhile asks it to stop, waits, re-raises."""
+        interrupted = None
+        while True:
+            try:
+                self._done.acquire()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted, self.stop = exc, True
+        self._done.release()
+        if interrupted is not None:
+            raise interrupted
+
+
+class _Pinned:
+    """The address of any buffer (a read-only mmap too), held while in use.
+
+    ctypes can only take the address of a writable buffer; a read-only mmap
+    (how images are mapped) would need a copy. PyObject_GetBuffer gives the
+    address of any exporter and keeps it from being closed or resized until
+    PyBuffer_Release.
+    """
+
+    __slots__ = ("_view", "_obj", "address")
+
+    def __init__(self, obj):
+        import ctypes
+
+        api = _pythonapi()
+        self._view = _PyBuffer()
+        self._obj = obj
+        if api.PyObject_GetBuffer(ctypes.py_object(obj), ctypes.byref(self._view), 0) != 0:
+            raise ValueError("the buffer has no contiguous address")
+        self.address = self._view.buf or 0
+
+    def release(self) -> None:
+        if self._obj is not None:
+            import ctypes
+
+            _pythonapi().PyBuffer_Release(ctypes.byref(self._view))
+            self._obj = None
+
+    def __enter__(self) -> int:
+        return self.address
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+_PyBuffer = None
+_API = None
+
+
+def _pythonapi():
+    global _API, _PyBuffer
+    if _API is None:
+        import ctypes
+
+        class PyBuffer(ctypes.Structure):  # Py_buffer, Include/pybuffer.h
+            _fields_ = [
+                ("buf", ctypes.c_void_p),
+                ("obj", ctypes.c_void_p),
+                ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t),
+                ("readonly", ctypes.c_int),
+                ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p),
+                ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p),
+            ]
+
+        api = ctypes.pythonapi
+        api.PyObject_GetBuffer.argtypes = (ctypes.py_object, ctypes.POINTER(PyBuffer),
+                                           ctypes.c_int)
+        api.PyObject_GetBuffer.restype = ctypes.c_int
+        api.PyBuffer_Release.argtypes = (ctypes.POINTER(PyBuffer),)
+        api.PyBuffer_Release.restype = None
+        _PyBuffer = PyBuffer
+        _API = api
+    return _API
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, "short write")
+        view = view[n:]
+        offset += n
+
+
+def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
+    """See :func:`pvhboot.image.compression.decompress_to_fd`."""
+    fast = _FD_DECODERS.get(codec)
+    if fast is not None:
+        with memoryview(src) as view:
+            mv = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+            try:
+                size = fast(mv, fd, max_output)
+            except (CodecError, OSError):
+                raise
+            except MemoryError:
+                raise CodecError(
+                    f"{codec} stream needs more memory than allowed to decompress: "
+                    "the image is corrupt or hostile"
+                ) from None
+            except Exception as exc:  # the codec libraries raise their own types
+                raise CodecError(f"{codec} stream is corrupt: {_one_line(exc)}") from None
+        if size is not None:
+            os.ftruncate(fd, size)
+            return size
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    with open(fd, "wb", buffering=0, closefd=False) as out:
+        return decompress_to(codec, src, out, max_output=max_output)
+
+
+# --- lz4 into a file: blocks decoded on two threads ----------------------------
+
+
+_lz4_safe_fn = None
+
+
+def _lz4_safe():
+    """LZ4_decompress_safe through ctypes (which releases the GIL), or None.
+
+    From the system's liblz4 (what the lz4 CLI links) when there is one:
+    as fast as the copy the lz4 extension links in, and found without
+    importing the lz4 package (~0.8 ms); else from that extension.
+    """
+    global _lz4_safe_fn
+    if _lz4_safe_fn is None:
+        _lz4_safe_fn = False
+        import ctypes
+
+        for where in ("liblz4.so.1", None):
+            try:
+                if where is None:
+                    from lz4.block import _block
+
+                    where = _block.__file__
+                fn = ctypes.CDLL(where).LZ4_decompress_safe
+            except (ImportError, OSError, AttributeError):
+                continue
+            fn.restype = ctypes.c_int
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+            _lz4_safe_fn = fn
+            break
+    return _lz4_safe_fn or None
+
+
+def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
+    """Both threads take the next block, decode it into their own 8 MiB
+    buffer and pwrite it in place.
+
+    Block i lands at i * 8 MiB: the lz4 CLI fills every block but the last.
+    A stream where a block before the last is short (another encoder, or two
+    frames) makes this return None after all, and the streaming decoder
+    writes it. Measured on the 53 MB Debian kernel: 19.5 ms, against 24 ms
+    for one thread and 26-28 ms for a decode-here, write-there pipeline
+    (that one faults in two or three fresh buffers; on these VMs faulting
+    in fresh memory costs as much as decoding).
+    """
+    fn = _lz4_safe()
+    if fn is None or _PARALLEL < 2:
+        return None
+    import mmap
+
+    blocks = _lz4_blocks(mv)
+    last = len(blocks) - 1
+    if last * LZ4_LEGACY_BLOCK > max_output:
+        raise _too_big("lz4", max_output)
+    jobs = iter(enumerate(blocks))  # shared: next() on it is atomic under the GIL
+    state: dict = {}  # "error": the first failure; "short": a block before the last was short
+
+    def work(me: _Worker | None) -> None:
+        buf = mmap.mmap(-1, LZ4_LEGACY_BLOCK)  # anonymous, returned when closed
+        try:
+            with _Pinned(buf) as dst:
+                for i, (pos, size) in jobs:
+                    if state or (me is not None and me.stop):
+                        return
+                    # The destination is the 8 MiB buffer: its exact capacity is given.
+                    got = fn(src.address + pos, dst, size, LZ4_LEGACY_BLOCK)
+                    if got < 0:
+                        raise CodecError(f"lz4 stream is corrupt: block {i}: malformed block "
+                                         f"data (error at input byte {-got - 1})")
+                    offset = i * LZ4_LEGACY_BLOCK
+                    if offset + got > max_output:
+                        raise _too_big("lz4", max_output)
+                    if i < last and got != LZ4_LEGACY_BLOCK:
+                        state.setdefault("short", i)
+                        return
+                    with memoryview(buf) as view:
+                        _pwrite_all(fd, view[:got], offset)
+                    if i == last:
+                        state["size"] = offset + got
+        except BaseException as exc:
+            state.setdefault("error", exc)
+        finally:
+            _close_quietly(buf)
+
+    src = _Pinned(mv)
+    try:
+        worker = _Worker(work)
+        try:
+            work(None)
+        finally:
+            worker.stop = True
+            worker.join()
+    finally:
+        src.release()
+    if "error" in state:
+        raise state["error"]
+    if "short" in state:
+        return None
+    return state["size"]
+
+
+# --- lzo into a file: blocks decoded on two threads ------------------------------
+
+
+def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
+    if _PARALLEL < 2:
+        return None
+    jobs = []
+    total = 0
+    for job in _lzop_blocks(mv, max_output):  # every header checked before decoding
+        jobs.append((job, total))
+        total += job[2]
+    it = iter(jobs)  # shared: next() on a list iterator is atomic under the GIL
+    state: dict = {}
+
+    def work(me: _Worker | None) -> None:
+        for job, offset in it:
+            if state or (me is not None and me.stop):
+                return
+            try:
+                _pwrite_all(fd, _lzop_decode(*job), offset)
+            except BaseException as exc:
+                state.setdefault("error", exc)
+                return
+
+    worker = _Worker(work)
+    try:
+        work(None)
+    except BaseException:
+        worker.stop = True
+        raise
+    finally:
+        worker.join()
+    if "error" in state:
+        raise state["error"]
+    if worker.error is not None:
+        raise worker.error
+    return total
+
+
+# --- zstd into a mapping of the file ------------------------------------------------
+
+
+_libzstd_lib = None
+
+
+def _libzstd():
+    """The system's libzstd through ctypes, or None.
+
+    Its one-shot decoder (ZSTD_decompress, with the destination as the
+    window) runs the kernel payload in ~34 ms where python-zstandard's
+    streaming reader, built without zstd's assembly decoders and copying
+    through a 128 MiB window buffer, needs ~58 ms.
+    """
+    global _libzstd_lib
+    if _libzstd_lib is None:
+        _libzstd_lib = False
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libzstd.so.1")
+            lib.ZSTD_versionNumber.restype = ctypes.c_uint
+            if lib.ZSTD_versionNumber() >= 10400:
+                lib.ZSTD_decompress.restype = ctypes.c_size_t
+                lib.ZSTD_decompress.argtypes = (ctypes.c_void_p, ctypes.c_size_t,
+                                                ctypes.c_void_p, ctypes.c_size_t)
+                lib.ZSTD_isError.restype = ctypes.c_uint
+                lib.ZSTD_isError.argtypes = (ctypes.c_size_t,)
+                _libzstd_lib = lib
+        except (OSError, AttributeError):
+            pass
+    return _libzstd_lib or None
+
+
+def _zstd_window(mv: memoryview) -> tuple[int, int | None]:
+    """(window size, frame content size or None) from the frame header (RFC 8878 3.1.1.1)."""
+    fhd = mv[4]
+    single_segment = bool(fhd & 0x20)
+    fcs_size = _ZSTD_FCS_SIZES[fhd >> 6]
+    if fcs_size == 0 and single_segment:
+        fcs_size = 1
+    pos = 5
+    window = None
+    if not single_segment:
+        wd = mv[5]
+        base = 1 << (10 + (wd >> 3))
+        window = base + (base >> 3) * (wd & 7)
+        pos = 6
+    pos += _ZSTD_DID_SIZES[fhd & 3]
+    fcs = None
+    if fcs_size:
+        fcs = int.from_bytes(mv[pos : pos + fcs_size], "little")
+        if fcs_size == 2:
+            fcs += 256  # 3.1.1.1.4: the 2-byte field is offset by 256
+    if window is None:
+        window = fcs or 0
+    return window, fcs
+
+
+def _zstd_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
+    lib = _libzstd()
+    if lib is None:
+        return None
+    frame_end = _zstd_frame_end(mv)  # checks the magic, the header and every block header
+    window, fcs = _zstd_window(mv)
+    if window > ZSTD_MAX_WINDOW:
+        return None  # the streaming decoder explains the refusal
+    # The output size: the frame says it, or Linux's 4-byte trailer follows
+    # the frame. Only a hint: the decoder never writes past it, and a stream
+    # that does not decode to exactly this size goes to the streaming path.
+    hint = fcs
+    if hint is None and len(mv) - frame_end == _SIZE_TRAILER:
+        hint = int.from_bytes(mv[frame_end:], "little")
+    if not hint or hint > max_output:
+        return None
+
+    def decode(dst: int, capacity: int, src: int) -> int | None:
+        result = lib.ZSTD_decompress(dst, capacity, src, frame_end)
+        # Any error (a short hint or a corrupt stream) goes to the streaming
+        # decoder: it says what is wrong in the words the other paths use.
+        return None if lib.ZSTD_isError(result) else result
+
+    return _into_mapping(mv, fd, hint, decode)
+
+
+def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
+    """Run ``decode(dst, hint, src)`` (addresses) with the file at ``fd``
+    grown to ``hint`` bytes and mapped shared at ``dst``, while the other
+    thread faults the mapping in ahead of it. The result is the decoded
+    size, or None (the caller falls back) when the decoder says the space
+    was short or the size is not exactly ``hint``. The caller has checked
+    ``hint`` against max_output.
+    """
+    import mmap
+
+    try:
+        # Allocated, not just a sparse size: a store into a mapped hole on a
+        # full disk is SIGBUS, which would kill `pvhboot extract` without a
+        # word. Here a full disk is an OSError, and the streaming path (whose
+        # write() reports ENOSPC as such) takes over. ~2 ms for 53 MB on ext4.
+        os.posix_fallocate(fd, 0, hint)
+        out = mmap.mmap(fd, hint, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, OverflowError):
+        return None  # no space, not mappable (a write-only descriptor), no address space
+    try:
+        with _Pinned(mv) as src, _Pinned(out) as dst:
+            helper = _Worker(_populate, dst, hint) if _PARALLEL > 1 else None
+            try:
+                result = decode(dst, hint, src)
+            finally:
+                if helper is not None:
+                    helper.stop = True
+                    helper.join()
+    finally:
+        _close_quietly(out)
+    return result if result == hint else None
+
+
+def _close_quietly(mapping) -> None:
+    """Close an mmap unless a view of it is still alive (say, in the traceback
+    of the error being raised: BufferError would replace that error). The
+    memory goes when the last view does."""
+    try:
+        mapping.close()
+    except BufferError:
+        pass
+
+
+# --- gzip into a mapping of the file, with libdeflate ------------------------------
+
+_libdeflate_lib = None
+# libdeflate.h enum libdeflate_result.
+_LIBDEFLATE_SUCCESS = 0
+
+
+def _libdeflate():
+    """The system's libdeflate through ctypes, or None.
+
+    A whole-buffer inflater: ~3.5 ms for the 12 MB test kernel where zlib
+    takes ~34 ms (and ~40 ms against ~166 ms at 53 MB). It needs the output
+    size up front, which gzip's ISIZE field gives.
+    """
+    global _libdeflate_lib
+    if _libdeflate_lib is None:
+        _libdeflate_lib = False
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL("libdeflate.so.0")
+            lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
+            lib.libdeflate_alloc_decompressor.argtypes = ()
+            lib.libdeflate_free_decompressor.restype = None
+            lib.libdeflate_free_decompressor.argtypes = (ctypes.c_void_p,)
+            size_p = ctypes.POINTER(ctypes.c_size_t)
+            lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
+            lib.libdeflate_gzip_decompress_ex.argtypes = (
+                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                ctypes.c_size_t, size_p, size_p)
+            _libdeflate_lib = lib
+        except (OSError, AttributeError):
+            pass
+    return _libdeflate_lib or None
+
+
+def _gzip_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
+    lib = _libdeflate()
+    if lib is None or len(mv) < 18:  # RFC 1952: 10-byte header, 8-byte trailer
+        return None
+    # ISIZE (RFC 1952 2.3.1: the input size modulo 2^32) ends the member,
+    # and a bzImage's gzip payload ends with its member (Linux appends no
+    # size for gzip). A hint only: the decoder checks ISIZE and CRC32 itself.
+    hint = int.from_bytes(mv[-4:], "little")
+    if not hint or hint > max_output:
+        return None
+    import ctypes
+
+    def decode(dst: int, capacity: int, src: int) -> int | None:
+        d = lib.libdeflate_alloc_decompressor()
+        if not d:
+            raise MemoryError
+        used, got = ctypes.c_size_t(), ctypes.c_size_t()
+        try:
+            rc = lib.libdeflate_gzip_decompress_ex(d, src, len(mv), dst, capacity,
+                                                   ctypes.byref(used), ctypes.byref(got))
+        finally:
+            lib.libdeflate_free_decompressor(d)
+        # Any failure (a wrong ISIZE hint, a corrupt or truncated stream)
+        # goes to zlib's streaming decoder, which says what is wrong.
+        return got.value if rc == _LIBDEFLATE_SUCCESS else None
+
+    return _into_mapping(mv, fd, hint, decode)
+
+
+def _populate(me: _Worker, address: int, size: int) -> None:
+    """Fault the shared mapping in ahead of the decoder (on the other CPU)."""
+    pos = 0
+    while pos < size and not me.stop:
+        step = min(_POPULATE_STEP, size - pos)
+        if not _populate_range(address + pos, step):
+            return  # an old kernel: the decoder takes the faults itself
+        pos += step
+
+
+_madvise_fn = None
+
+
+def _populate_range(address: int, size: int) -> bool:
+    """madvise(MADV_POPULATE_WRITE) through ctypes, False where it fails.
+
+    Not mmap.madvise: that holds the GIL for the whole call, and the thread
+    that needs it next is the decoder, to start its next block.
+    """
+    global _madvise_fn
+    if _madvise_fn is None:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+        fn.restype = ctypes.c_int
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _madvise_fn = fn
+    page = 4096
+    start = address & ~(page - 1)  # madvise wants a page-aligned start
+    return _madvise_fn(start, size + (address - start), _MADV_POPULATE_WRITE) == 0
+
+
+_FD_DECODERS = {"gzip": _gzip_to_fd, "lz4": _lz4_to_fd, "lzo": _lzo_to_fd,
+                "zstd": _zstd_to_fd}
+
+
