@@ -571,3 +571,16 @@ except OSError as exc:
                           check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "OSError EFBIG"
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "lzo", "zstd"])
+def test_fd_without_a_second_thread(codec, sample, streams, tmp_path, monkeypatch):
+    # No thread can be started (a thread limit, no memory for a stack): the
+    # calling thread does all the work.
+    import _thread
+
+    def refuse(*args):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_thread, "start_new_thread", refuse)
+    assert _to_file(codec, streams[codec], tmp_path) == sample

@@ -69,6 +69,15 @@ class _Worker:
         finally:
             self._done.release()
 
+    @classmethod
+    def start(cls, fn, *args) -> _Worker | None:
+        """A running worker, or None when no thread can be started (a thread
+        limit, no memory for its stack): the caller does the work alone."""
+        try:
+            return cls(fn, *args)
+        except RuntimeError:  # _thread.error: "can't start new thread"
+            return None
+
     def join(self) -> None:
         """Wait for the thread; Ctrl-C meanwhile asks it to stop, waits, re-raises."""
         interrupted = None
@@ -245,10 +254,17 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
     if last * LZ4_LEGACY_BLOCK > max_output:
         raise _too_big("lz4", max_output)
     jobs = iter(enumerate(blocks))  # shared: next() on it is atomic under the GIL
-    state: dict = {}  # "error": the first failure; "short": a block before the last was short
+    # "error": the first failure; "fallback": a block before the last was
+    # short, or no buffer for the main thread; "size": all written.
+    state: dict = {}
 
     def work(me: _Worker | None) -> None:
-        buf = mmap.mmap(-1, LZ4_LEGACY_BLOCK)  # anonymous, returned when closed
+        try:
+            buf = mmap.mmap(-1, LZ4_LEGACY_BLOCK)  # anonymous, returned when closed
+        except (OSError, ValueError):
+            if me is None:  # the worker's blocks go to the main thread instead
+                state.setdefault("fallback", True)
+            return
         try:
             with _Pinned(buf) as dst:
                 for i, (pos, size) in jobs:
@@ -263,7 +279,7 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
                     if offset + got > max_output:
                         raise _too_big("lz4", max_output)
                     if i < last and got != LZ4_LEGACY_BLOCK:
-                        state.setdefault("short", i)
+                        state.setdefault("fallback", True)
                         return
                     with memoryview(buf) as view:
                         _pwrite_all(fd, view[:got], offset)
@@ -276,19 +292,18 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
 
     src = _Pinned(mv)
     try:
-        worker = _Worker(work)
+        worker = _Worker.start(work)
         try:
             work(None)
         finally:
-            worker.stop = True
-            worker.join()
+            if worker is not None:
+                worker.stop = True
+                worker.join()
     finally:
         src.release()
     if "error" in state:
         raise state["error"]
-    if "short" in state:
-        return None
-    return state["size"]
+    return state.get("size") if "fallback" not in state else None
 
 
 # --- lzo into a file: blocks decoded on two threads ------------------------------
@@ -315,18 +330,15 @@ def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
                 state.setdefault("error", exc)
                 return
 
-    worker = _Worker(work)
+    worker = _Worker.start(work)
     try:
         work(None)
-    except BaseException:
-        worker.stop = True
-        raise
     finally:
-        worker.join()
+        if worker is not None:
+            worker.stop = True
+            worker.join()
     if "error" in state:
         raise state["error"]
-    if worker.error is not None:
-        raise worker.error
     return total
 
 
@@ -436,7 +448,7 @@ def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
         return None  # no space, not mappable (a write-only descriptor), no address space
     try:
         with _Pinned(mv) as src, _Pinned(out) as dst:
-            helper = _Worker(_populate, dst, hint) if _PARALLEL > 1 else None
+            helper = _Worker.start(_populate, dst, hint) if _PARALLEL > 1 else None
             try:
                 result = decode(dst, hint, src)
             finally:
