@@ -40,8 +40,8 @@ from .compression import (
 
 # Decoders only start a second thread when a second CPU is there to run it.
 _PARALLEL = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-# zstd: the helper pre-faults the output mapping in steps of this size, ahead
-# of the decoder, so that the decoder thread takes no page faults.
+# zstd, gzip: the helper pre-faults the output mapping in steps of this size,
+# ahead of the decoder, so that the decoder thread takes fewer page faults.
 _POPULATE_STEP = 4 << 20
 # ... starting this far in: the decoder faults in the first pages itself.
 _POPULATE_LEAD = 1 << 20
@@ -50,7 +50,11 @@ _MADV_POPULATE_WRITE = 23
 
 
 class _Worker:
-    """A thread running ``fn(worker, *args)``; :meth:`join` waits for it, always."""
+    """A thread running ``fn(worker, *args)``; :meth:`join` waits for it, always.
+
+    An exception ``fn`` lets out is kept in ``error`` (the decoders record
+    their own failures in shared state, so that the first one wins).
+    """
 
     __slots__ = ("error", "stop", "_done")
 
