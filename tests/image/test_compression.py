@@ -584,3 +584,27 @@ def test_fd_without_a_second_thread(codec, sample, streams, tmp_path, monkeypatc
 
     monkeypatch.setattr(_thread, "start_new_thread", refuse)
     assert _to_file(codec, streams[codec], tmp_path) == sample
+
+
+def test_multi_block_bzip2_goes_through_the_block_decoder(monkeypatch, tmp_path):
+    # decompress_to and decompress_to_fd reach bzip2_blocks, and what they
+    # write is the bzip2 CLI's output for a stream of many blocks.
+    import bz2
+
+    from pvhboot.image import bzip2_blocks
+
+    calls = []
+    real = bzip2_blocks.decode_bzip2
+    monkeypatch.setattr(bzip2_blocks, "decode_bzip2",
+                        lambda mv, put, **kw: calls.append(len(mv)) or real(mv, put, **kw))
+    rng = random.Random(7)
+    data = bytes(rng.choice(b"abcdefgh ") for _ in range(700_000)) * 2
+    stream = bz2.compress(data, 1) + (len(data)).to_bytes(4, "little")  # ~14 blocks
+    out = io.BytesIO()
+    assert decompress_to("bzip2", stream, out, max_output=1 << 24) == len(data)
+    assert out.getvalue() == data
+    path = tmp_path / "out"
+    with open(path, "w+b") as f:
+        assert decompress_to_fd("bzip2", stream, f.fileno(), max_output=1 << 24) == len(data)
+    assert path.read_bytes() == data
+    assert len(calls) == 2

@@ -222,12 +222,6 @@ def _stdlib_stream(codec: str, make: Callable[[], object], errors: tuple) -> Cal
     return decode
 
 
-def _make_bz2():
-    import bz2
-
-    return bz2.BZ2Decompressor()
-
-
 def _make_lzma(fmt: str):
     def make():
         import lzma
@@ -668,9 +662,17 @@ def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
     return fast(codec, src, fd, max_output=max_output)
 
 
+def _bzip2(mv: memoryview, sink: _Sink) -> None:
+    # Blocks decoded on every CPU (bzip2_blocks.py): libbz2 alone is the
+    # floor of extract-vmlinux too, so only both CPUs get under it.
+    from .bzip2_blocks import decode_bzip2
+
+    decode_bzip2(mv, sink.put)
+
+
 _DECODERS: dict[str, Callable[[memoryview, _Sink], None]] = {
     "gzip": _gzip,
-    "bzip2": lambda mv, sink: _stdlib_stream("bzip2", _make_bz2, (OSError, ValueError))(mv, sink),
+    "bzip2": _bzip2,
     "lzma": lambda mv, sink: _stdlib_stream(
         "lzma", _make_lzma("FORMAT_ALONE"), _lzma_errors()
     )(mv, sink),
