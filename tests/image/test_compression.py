@@ -608,3 +608,29 @@ def test_multi_block_bzip2_goes_through_the_block_decoder(monkeypatch, tmp_path)
         assert decompress_to_fd("bzip2", stream, f.fileno(), max_output=1 << 24) == len(data)
     assert path.read_bytes() == data
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "zstd"])
+def test_fd_paths_without_the_system_libraries(codec, monkeypatch, sample, streams, tmp_path):
+    # A machine without libdeflate, libzstd or liblz4: the same bytes, from
+    # the Python codecs (lz4 then uses the copy inside the lz4 extension).
+    from pvhboot.image import compression_fd
+
+    monkeypatch.setattr(compression_fd, "_SYSTEM_LIBS",
+                        {"libzstd.so.1": None, "libdeflate.so.0": None})
+    monkeypatch.setattr(compression_fd, "_lz4_safe_fn", None)
+    import ctypes
+
+    real_cdll = ctypes.CDLL
+
+    def no_liblz4(name, *args, **kwargs):
+        if name == "liblz4.so.1":
+            raise OSError(f"{name}: cannot open shared object file")
+        return real_cdll(name, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", no_liblz4)
+    assert compression_fd._libzstd() is None and compression_fd._libdeflate() is None
+    stream = streams[codec][:-4] if codec == "gzip" else streams[codec]
+    assert _to_file(codec, stream, tmp_path) == sample
+    if codec == "lz4" and compression_fd._PARALLEL > 1:
+        assert compression_fd._lz4_safe() is not None  # found in the lz4 extension

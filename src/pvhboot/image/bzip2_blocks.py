@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 
 from ..errors import CodecError
+from .compression import _one_line, _truncated
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -544,7 +545,7 @@ def _serial(view, start: int, skip: int, put) -> None:
         while not d.eof:
             if d.needs_input:
                 if pos >= size:
-                    raise _truncated("the stream has no end marker")
+                    raise _truncated("bzip2", "the stream has no end marker")
                 data = view[pos : pos + IN_CHUNK]
                 pos += len(data)
             else:
@@ -571,15 +572,3 @@ def _serial(view, start: int, skip: int, put) -> None:
         byte = pos - len(d.unused_data)
         if not _stream_at(view, byte):
             return
-
-
-def _truncated(detail: str) -> CodecError:
-    return CodecError(
-        f"bzip2 stream is truncated: {detail} "
-        "(the image is cut short or its payload length is wrong)"
-    )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
-    return text[:200]

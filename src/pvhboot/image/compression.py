@@ -125,14 +125,19 @@ def decompress_to(codec: str, src, out: BinaryIO, *, max_output: int) -> int:
             raise
         except _WriteError as exc:
             raise exc.args[0] from None
-        except MemoryError:
-            raise CodecError(
-                f"{codec} stream needs more memory than allowed to decompress: "
-                "the image is corrupt or hostile"
-            ) from None
         except Exception as exc:  # the codec libraries raise their own types
-            raise CodecError(f"{codec} stream is corrupt: {_one_line(exc)}") from None
+            raise codec_error(codec, exc) from None
     return sink.total
+
+
+def codec_error(codec: str, exc: Exception) -> CodecError:
+    """The one line for an exception a codec library raised."""
+    if isinstance(exc, MemoryError):
+        return CodecError(
+            f"{codec} stream needs more memory than allowed to decompress: "
+            "the image is corrupt or hostile"
+        )
+    return CodecError(f"{codec} stream is corrupt: {_one_line(exc)}")
 
 
 def decompress_bytes(codec: str, src, *, max_output: int) -> bytes:

@@ -18,9 +18,9 @@ from .compression import (
     _lz4_blocks,
     _lzop_blocks,
     _lzop_decode,
-    _one_line,
     _too_big,
     _zstd_frame_end,
+    codec_error,
     decompress_to,
 )
 
@@ -178,6 +178,27 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         offset += n
 
 
+_SYSTEM_LIBS: dict = {}
+
+
+def _system_lib(soname: str, declare):
+    """The shared library ``soname`` through ctypes, or None when it is
+    missing or ``declare(lib, ctypes)`` (which sets the prototypes) finds it
+    unsuitable. Looked up once per process."""
+    if soname not in _SYSTEM_LIBS:
+        lib = None
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(soname)
+            if not declare(lib, ctypes):
+                lib = None
+        except (OSError, AttributeError):  # not installed, or a symbol is missing
+            lib = None
+        _SYSTEM_LIBS[soname] = lib
+    return _SYSTEM_LIBS[soname]
+
+
 def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
     """See :func:`pvhboot.image.compression.decompress_to_fd`."""
     fast = _FD_DECODERS.get(codec)
@@ -188,13 +209,8 @@ def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
                 size = fast(mv, fd, max_output)
             except (CodecError, OSError):
                 raise
-            except MemoryError:
-                raise CodecError(
-                    f"{codec} stream needs more memory than allowed to decompress: "
-                    "the image is corrupt or hostile"
-                ) from None
             except Exception as exc:  # the codec libraries raise their own types
-                raise CodecError(f"{codec} stream is corrupt: {_one_line(exc)}") from None
+                raise codec_error(codec, exc) from None
         if size is not None:
             os.ftruncate(fd, size)
             return size
@@ -351,9 +367,6 @@ def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
 # --- zstd into a mapping of the file ------------------------------------------------
 
 
-_libzstd_lib = None
-
-
 def _libzstd():
     """The system's libzstd through ctypes, or None.
 
@@ -362,24 +375,19 @@ def _libzstd():
     streaming reader, built without zstd's assembly decoders and copying
     through a 128 MiB window buffer, needs ~58 ms.
     """
-    global _libzstd_lib
-    if _libzstd_lib is None:
-        _libzstd_lib = False
-        try:
-            import ctypes
+    return _system_lib("libzstd.so.1", _declare_zstd)
 
-            lib = ctypes.CDLL("libzstd.so.1")
-            lib.ZSTD_versionNumber.restype = ctypes.c_uint
-            if lib.ZSTD_versionNumber() >= 10400:
-                lib.ZSTD_decompress.restype = ctypes.c_size_t
-                lib.ZSTD_decompress.argtypes = (ctypes.c_void_p, ctypes.c_size_t,
-                                                ctypes.c_void_p, ctypes.c_size_t)
-                lib.ZSTD_isError.restype = ctypes.c_uint
-                lib.ZSTD_isError.argtypes = (ctypes.c_size_t,)
-                _libzstd_lib = lib
-        except (OSError, AttributeError):
-            pass
-    return _libzstd_lib or None
+
+def _declare_zstd(lib, ctypes) -> bool:
+    lib.ZSTD_versionNumber.restype = ctypes.c_uint
+    if lib.ZSTD_versionNumber() < 10400:  # 1.4.0: the one-shot API as used here
+        return False
+    lib.ZSTD_decompress.restype = ctypes.c_size_t
+    lib.ZSTD_decompress.argtypes = (ctypes.c_void_p, ctypes.c_size_t,
+                                    ctypes.c_void_p, ctypes.c_size_t)
+    lib.ZSTD_isError.restype = ctypes.c_uint
+    lib.ZSTD_isError.argtypes = (ctypes.c_size_t,)
+    return True
 
 
 def _zstd_window(mv: memoryview) -> tuple[int, int | None]:
@@ -478,7 +486,6 @@ def _close_quietly(mapping) -> None:
 
 # --- gzip into a mapping of the file, with libdeflate ------------------------------
 
-_libdeflate_lib = None
 # libdeflate.h enum libdeflate_result.
 _LIBDEFLATE_SUCCESS = 0
 
@@ -490,26 +497,20 @@ def _libdeflate():
     takes ~34 ms (and ~40 ms against ~166 ms at 53 MB). It needs the output
     size up front, which gzip's ISIZE field gives.
     """
-    global _libdeflate_lib
-    if _libdeflate_lib is None:
-        _libdeflate_lib = False
-        try:
-            import ctypes
+    return _system_lib("libdeflate.so.0", _declare_deflate)
 
-            lib = ctypes.CDLL("libdeflate.so.0")
-            lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
-            lib.libdeflate_alloc_decompressor.argtypes = ()
-            lib.libdeflate_free_decompressor.restype = None
-            lib.libdeflate_free_decompressor.argtypes = (ctypes.c_void_p,)
-            size_p = ctypes.POINTER(ctypes.c_size_t)
-            lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
-            lib.libdeflate_gzip_decompress_ex.argtypes = (
-                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                ctypes.c_size_t, size_p, size_p)
-            _libdeflate_lib = lib
-        except (OSError, AttributeError):
-            pass
-    return _libdeflate_lib or None
+
+def _declare_deflate(lib, ctypes) -> bool:
+    lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
+    lib.libdeflate_alloc_decompressor.argtypes = ()
+    lib.libdeflate_free_decompressor.restype = None
+    lib.libdeflate_free_decompressor.argtypes = (ctypes.c_void_p,)
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    lib.libdeflate_gzip_decompress_ex.restype = ctypes.c_int
+    lib.libdeflate_gzip_decompress_ex.argtypes = (
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+        ctypes.c_size_t, size_p, size_p)
+    return True
 
 
 def _gzip_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
