@@ -429,7 +429,7 @@ def _zstd_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
     hint = fcs
     if hint is None and len(mv) - frame_end == _SIZE_TRAILER:
         hint = int.from_bytes(mv[frame_end:], "little")
-    if not hint or hint > max_output:
+    if not _plausible(hint, frame_end, ZSTD_MAX_RATIO, max_output):
         return None
 
     def decode(dst: int, capacity: int, src: int) -> int | None:
@@ -472,6 +472,21 @@ def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
     finally:
         _close_quietly(out)
     return result if result == hint else None
+
+
+# The most output one input byte can give, so that a size hint (a field an
+# image controls) never reserves more disk than the stream could fill:
+# - deflate (RFC 1951): a 258-byte match in as little as ~2 bits: 1032:1;
+# - zstd (RFC 8878 3.1.1.2): an RLE block, 3 header bytes and 1 byte,
+#   repeats up to Block_Maximum_Size (128 KiB): 32768:1.
+DEFLATE_MAX_RATIO = 1032
+ZSTD_MAX_RATIO = 32768
+
+
+def _plausible(hint: int | None, compressed: int, ratio: int, max_output: int) -> bool:
+    """A size hint to allocate for: non-zero, within max_output, and no more
+    than ``compressed`` bytes of this codec can decode to."""
+    return bool(hint) and hint <= max_output and hint <= compressed * ratio
 
 
 def _close_quietly(mapping) -> None:
@@ -521,7 +536,7 @@ def _gzip_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
     # and a bzImage's gzip payload ends with its member (Linux appends no
     # size for gzip). A hint only: the decoder checks ISIZE and CRC32 itself.
     hint = int.from_bytes(mv[-4:], "little")
-    if not hint or hint > max_output:
+    if not _plausible(hint, len(mv), DEFLATE_MAX_RATIO, max_output):
         return None
     import ctypes
 
