@@ -662,3 +662,59 @@ def test_fd_size_hint_beyond_what_the_stream_can_hold_is_not_allocated(codec, mo
         pass  # gzip: ISIZE does not match; zstd: the trailer is just a hint
     assert all(n <= len(stream) * compression_fd.ZSTD_MAX_RATIO for n in sizes), sizes
     assert claim not in sizes
+
+
+class _SlowNext:
+    """An iterator that hands out item ``slow`` and then sleeps, as if the
+    thread that took it lost the CPU right there (next() stays atomic)."""
+
+    def __init__(self, items, slow, only_off_main=False):
+        self.items, self.i, self.slow, self.only_off_main = list(items), 0, slow, only_off_main
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import threading
+        import time
+
+        i = self.i
+        if i >= len(self.items):
+            raise StopIteration
+        self.i = i + 1
+        if i == self.slow and not (
+            self.only_off_main and threading.current_thread() is threading.main_thread()
+        ):
+            time.sleep(0.3)
+        return self.items[i]
+
+
+def test_fd_lz4_block_taken_by_a_preempted_thread_is_still_written(monkeypatch, tmp_path):
+    # The other thread finishes the last block meanwhile: the slow one must
+    # still write the block it took, or the file has a hole and says nothing.
+    import os
+
+    from pvhboot.image import compression_fd
+
+    if compression_fd._PARALLEL < 2 or compression_fd._lz4_safe() is None:
+        pytest.skip("the threaded lz4 path needs 2 CPUs")
+    raw = os.urandom(8 << 20) * 2 + b"tail" * 1000  # blocks of 8 MiB, 8 MiB, 4000 B
+    stream = _cli(["lz4", "-l", "-c", "-1"], raw)
+    monkeypatch.setattr(compression_fd, "enumerate",
+                        lambda items: _SlowNext(list(enumerate(items)), 1), raising=False)
+    assert _to_file("lz4", stream, tmp_path) == raw
+
+
+def test_fd_lzo_block_taken_by_a_preempted_worker_is_still_written(monkeypatch, tmp_path):
+    import os
+
+    from pvhboot.image import compression_fd
+
+    if compression_fd._PARALLEL < 2:
+        pytest.skip("the threaded lzo path needs 2 CPUs")
+    raw = os.urandom(1 << 20)  # lzop blocks of 256 KiB: 4 jobs
+    stream = _cli(["lzop", "-c"], raw)
+    monkeypatch.setattr(compression_fd, "iter",
+                        lambda items: _SlowNext(items, len(items) - 1, only_off_main=True),
+                        raising=False)
+    assert _to_file("lzo", stream, tmp_path) == raw

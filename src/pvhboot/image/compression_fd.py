@@ -220,6 +220,25 @@ def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
         return decompress_to(codec, src, out, max_output=max_output)
 
 
+def _on_two_threads(work) -> None:
+    """Run ``work(worker)`` on a second thread and ``work(None)`` here, and
+    wait for both. The worker is told to stop only when this thread leaves
+    abnormally (Ctrl-C outside ``work``'s own handling): on a normal finish
+    it must complete the job it has already taken, or that job's block
+    would be missing from the file."""
+    worker = None
+    try:
+        worker = _Worker.start(work)
+        work(None)
+    except BaseException:
+        if worker is not None:
+            worker.stop = True
+        raise
+    finally:
+        if worker is not None:
+            worker.join()
+
+
 # --- lz4 into a file: blocks decoded on two threads ----------------------------
 
 
@@ -277,10 +296,12 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         raise _too_big("lz4", max_output)
     jobs = iter(enumerate(blocks))  # shared: next() on it is atomic under the GIL
     # "error": the first failure; "fallback": a block before the last was
-    # short, or no buffer for the main thread; "size": all written.
+    # short, or no buffer for the main thread; "size": the last block's end.
     state: dict = {}
+    written: list[int] = []  # blocks each thread wrote (list.append is atomic)
 
     def work(me: _Worker | None) -> None:
+        done = 0
         try:
             buf = mmap.mmap(-1, LZ4_LEGACY_BLOCK)  # anonymous, returned when closed
         except (OSError, ValueError):
@@ -290,7 +311,9 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         try:
             with _Pinned(buf) as dst:
                 for i, (pos, size) in jobs:
-                    if state or (me is not None and me.stop):
+                    # A block taken is always written, unless the whole
+                    # result is going to be thrown away anyway.
+                    if "error" in state or "fallback" in state or (me is not None and me.stop):
                         return
                     # The destination is the 8 MiB buffer: its exact capacity is given.
                     got = fn(src.address + pos, dst, size, LZ4_LEGACY_BLOCK)
@@ -305,27 +328,25 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
                         return
                     with memoryview(buf) as view:
                         _pwrite_all(fd, view[:got], offset)
+                    done += 1
                     if i == last:
                         state["size"] = offset + got
         except BaseException as exc:
             state.setdefault("error", exc)
         finally:
+            written.append(done)
             _close_quietly(buf)
 
     src = _Pinned(mv)
     try:
-        worker = _Worker.start(work)
-        try:
-            work(None)
-        finally:
-            if worker is not None:
-                worker.stop = True
-                worker.join()
+        _on_two_threads(work)
     finally:
         src.release()
     if "error" in state:
         raise state["error"]
-    return state.get("size") if "fallback" not in state else None
+    if "fallback" in state or sum(written) != len(blocks):
+        return None  # the streaming decoder writes it all again
+    return state["size"]
 
 
 # --- lzo into a file: blocks decoded on two threads ------------------------------
@@ -341,26 +362,27 @@ def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         total += job[2]
     it = iter(jobs)  # shared: next() on a list iterator is atomic under the GIL
     state: dict = {}
+    written: list[int] = []  # blocks each thread wrote (list.append is atomic)
 
     def work(me: _Worker | None) -> None:
-        for job, offset in it:
-            if state or (me is not None and me.stop):
-                return
-            try:
+        done = 0
+        try:
+            for job, offset in it:
+                # A block taken is always written unless an error ends it all.
+                if "error" in state or (me is not None and me.stop):
+                    return
                 _pwrite_all(fd, _lzop_decode(*job), offset)
-            except BaseException as exc:
-                state.setdefault("error", exc)
-                return
+                done += 1
+        except BaseException as exc:
+            state.setdefault("error", exc)
+        finally:
+            written.append(done)
 
-    worker = _Worker.start(work)
-    try:
-        work(None)
-    finally:
-        if worker is not None:
-            worker.stop = True
-            worker.join()
+    _on_two_threads(work)
     if "error" in state:
         raise state["error"]
+    if sum(written) != len(jobs):
+        return None  # the streaming decoder writes it all again
     return total
 
 
