@@ -145,7 +145,7 @@ def test_interrupt_in_a_worker_thread_path(codec_bzimage, tmp_path, monkeypatch,
 
     data, _ = codec_bzimage(codec)
     (tmp_path / "bz").write_bytes(data)
-    real = compression_fd._pwrite_all
+    real = compression_fd.pwrite_all
     calls = []
 
     def flaky(fd, view, offset):
@@ -154,7 +154,7 @@ def test_interrupt_in_a_worker_thread_path(codec_bzimage, tmp_path, monkeypatch,
             raise KeyboardInterrupt
         real(fd, view, offset)
 
-    monkeypatch.setattr(compression_fd, "_pwrite_all", flaky)
+    monkeypatch.setattr(compression_fd, "pwrite_all", flaky)
     before = _thread._count()
     with pytest.raises(KeyboardInterrupt):
         extract(str(tmp_path / "bz"), str(tmp_path / "out"))
@@ -321,3 +321,34 @@ def test_fast_parse_leaves_the_rest_to_argparse(argv):
     from pvhboot.commands import extract
 
     assert extract.fast_parse(argv) is None
+
+
+@pytest.mark.parametrize("codec", [None, "xz", "lz4", "zstd", "bzip2"])
+def test_a_short_write_is_an_error_not_a_truncated_file(codec_bzimage, make_pvh_elf, tmp_path,
+                                                        codec):
+    # A disk filling up: write(2) takes less than asked (RLIMIT_FSIZE with
+    # SIGXFSZ ignored does the same). Exit 1 with one line, no OUT, no temporary.
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    if codec is None:
+        data, size = make_pvh_elf(), None
+        data += bytes(256 << 10)  # the copy of a plain ELF
+    else:
+        data, elf = codec_bzimage(codec)
+        size = len(elf)
+    src = tmp_path / "in"
+    src.write_bytes(data)
+    limit = (size or len(data)) - 100
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pvhboot", "extract", str(src), "-o", str(out)],
+                          capture_output=True, preexec_fn=limited, check=False)
+    assert_one_line_error(proc, "cannot write", "File too large", "another output path")
+    assert leftovers(tmp_path) == ["in"]

@@ -193,8 +193,9 @@ def _locate(mm, image: str):
 
 def _emit(codec, view, fd: int) -> int:
     if codec is None:
-        with open(fd, "wb", buffering=0, closefd=False) as fobj:
-            fobj.write(view)
+        from ..image.compression_fd import pwrite_all
+
+        pwrite_all(fd, view, 0)  # one write(2) may take less than asked
         return len(view)
     from ..image.compression import decompress_to_fd
 
@@ -235,7 +236,13 @@ def _write_atomically(out: str, force: bool, produce, image: str, codec) -> int:
                            f"{exc.strerror}") from None
     try:
         try:
-            size = produce(fd)
+            try:
+                size = produce(fd)
+            except OSError as exc:  # the output's fault: a full disk, a file size limit
+                raise PvhbootError(
+                    f"cannot write {out}: {exc.strerror or exc}; nothing was written: free "
+                    "space on that filesystem or give another output path"
+                ) from None
             if codec is not None:
                 from ..image.elf import elf_file_problem
 

@@ -94,7 +94,17 @@ class _Sink:
         if self.total > self.limit:
             raise _too_big(self.codec, self.limit)
         try:
-            self.write(chunk)
+            # An unbuffered file's write() is one write(2): it may take less
+            # than asked (a disk filling up), and the rest must not be lost.
+            done = self.write(chunk)
+            if done is not None and done < n:
+                with memoryview(chunk) as view:
+                    rest = view.cast("B")[done:]
+                    while rest:
+                        done = self.write(rest)
+                        if not done:
+                            raise OSError(28, "No space left on device (short write)")
+                        rest = rest[done:]
         except OSError as exc:  # the output's fault (a full disk), not the stream's
             raise _WriteError(exc) from None
 

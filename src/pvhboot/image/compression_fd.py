@@ -168,14 +168,17 @@ def _pythonapi():
     return _API
 
 
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(28, "short write")
-        view = view[n:]
-        offset += n
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset``: one pwrite(2) may take less than
+    asked (a disk filling up), and what it leaves must not be lost."""
+    with memoryview(data) as whole:
+        view = whole.cast("B") if whole.format != "B" or whole.ndim != 1 else whole
+        while view:
+            n = os.pwrite(fd, view, offset)
+            if n <= 0:
+                raise OSError(28, "No space left on device (short write)")  # ENOSPC
+            view = view[n:]
+            offset += n
 
 
 _SYSTEM_LIBS: dict = {}
@@ -327,7 +330,7 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
                         state.setdefault("fallback", True)
                         return
                     with memoryview(buf) as view:
-                        _pwrite_all(fd, view[:got], offset)
+                        pwrite_all(fd, view[:got], offset)
                     done += 1
                     if i == last:
                         state["size"] = offset + got
@@ -371,7 +374,7 @@ def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
                 # A block taken is always written unless an error ends it all.
                 if "error" in state or (me is not None and me.stop):
                     return
-                _pwrite_all(fd, _lzop_decode(*job), offset)
+                pwrite_all(fd, _lzop_decode(*job), offset)
                 done += 1
         except BaseException as exc:
             state.setdefault("error", exc)
