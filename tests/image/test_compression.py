@@ -718,3 +718,44 @@ def test_fd_lzo_block_taken_by_a_preempted_worker_is_still_written(monkeypatch, 
                         lambda items: _SlowNext(items, len(items) - 1, only_off_main=True),
                         raising=False)
     assert _to_file("lzo", stream, tmp_path) == raw
+
+
+def test_fd_gzip_header_crc_is_checked(sample, tmp_path):
+    # libdeflate skips FHCRC without checking it; gzip -dc refuses a wrong one.
+    import gzip as gz
+
+    member = gz.compress(sample)
+    flagged = member[:3] + bytes([member[3] | 0x02]) + member[4:10] + b"\xde\xad" + member[10:]
+    with pytest.raises(CodecError, match="header crc mismatch"):
+        _to_file("gzip", flagged, tmp_path)
+
+
+def test_lz4_block_count_is_checked_against_the_limit_while_walking():
+    # 100 headers of 5-byte blocks, then a cut-off one: the limit is noticed
+    # at block 3 (3 x 8 MiB > 20 MiB), not after walking to the truncation.
+    from pvhboot.image.compression import _lz4_blocks
+
+    stream = (0x184C2102).to_bytes(4, "little") + ((5).to_bytes(4, "little") + b"\x50abcd") * 100
+    stream += (1000).to_bytes(4, "little") + b"xx"
+    with memoryview(stream) as mv:
+        with pytest.raises(CodecError, match="more than the limit"):
+            _lz4_blocks(mv, 20 << 20)
+        with pytest.raises(CodecError, match="truncated"):
+            _lz4_blocks(mv, 1 << 30)
+
+
+def test_fd_lzo_with_too_many_blocks_streams_instead(monkeypatch, tmp_path):
+    import os
+
+    from pvhboot.image import compression_fd
+
+    raw = os.urandom(1 << 20)  # 4 lzop blocks
+    stream = _cli(["lzop", "-c"], raw)
+    monkeypatch.setattr(compression_fd, "_LZO_MAX_JOBS", 2)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+    try:
+        with memoryview(stream) as mv:
+            assert compression_fd._FD_DECODERS["lzo"](mv, fd, LIMIT) is None
+    finally:
+        os.close(fd)
+    assert _to_file("lzo", stream, tmp_path) == raw

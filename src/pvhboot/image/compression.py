@@ -320,11 +320,13 @@ def _lz4_block_decoder():
     return fast
 
 
-def _lz4_blocks(mv: memoryview) -> list[tuple[int, int]]:
+def _lz4_blocks(mv: memoryview, max_output: int) -> list[tuple[int, int]]:
     """(offset, size) of each compressed block of the legacy stream at mv[0].
 
     Only the 4-byte block headers are read (a handful for a kernel), so every
-    structural error is found before anything is decoded.
+    structural error is found before anything is decoded. A stream with more
+    blocks than ``max_output`` allows (every block but the last decodes to
+    8 MiB) is refused as it is walked, before the list grows with it.
     """
     end = len(mv)
     pos = 4  # past the magic
@@ -349,6 +351,8 @@ def _lz4_blocks(mv: memoryview) -> list[tuple[int, int]]:
         pos += 4
         if size > end - pos:
             raise _truncated("lz4", f"block {n} needs {size} bytes, {end - pos} are left")
+        if n * LZ4_LEGACY_BLOCK > max_output:
+            raise _too_big("lz4", max_output)
         blocks.append((pos, size))
         pos += size
     if not blocks:
@@ -357,7 +361,7 @@ def _lz4_blocks(mv: memoryview) -> list[tuple[int, int]]:
 
 
 def _lz4(mv: memoryview, sink: _Sink) -> None:
-    blocks = _lz4_blocks(mv)
+    blocks = _lz4_blocks(mv, sink.limit)
     global _lz4_decode
     if _lz4_decode is None:
         _lz4_decode = _lz4_block_decoder()

@@ -293,10 +293,8 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
         return None
     import mmap
 
-    blocks = _lz4_blocks(mv)
+    blocks = _lz4_blocks(mv, max_output)
     last = len(blocks) - 1
-    if last * LZ4_LEGACY_BLOCK > max_output:
-        raise _too_big("lz4", max_output)
     jobs = iter(enumerate(blocks))  # shared: next() on it is atomic under the GIL
     # "error": the first failure; "fallback": a block before the last was
     # short, or no buffer for the main thread; "size": the last block's end.
@@ -355,12 +353,20 @@ def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
 # --- lzo into a file: blocks decoded on two threads ------------------------------
 
 
+# Jobs listed up front at most: Linux's lzop blocks are 256 KiB, so a 1 GiB
+# vmlinux has 4096. A hostile stream of 1-byte blocks would otherwise cost
+# ~60 bytes of job list per input byte.
+_LZO_MAX_JOBS = 4096
+
+
 def _lzo_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
     if _PARALLEL < 2:
         return None
     jobs = []
     total = 0
     for job in _lzop_blocks(mv, max_output):  # every header checked before decoding
+        if len(jobs) == _LZO_MAX_JOBS:
+            return None  # the streaming decoder takes such a stream a block at a time
         jobs.append((job, total))
         total += job[2]
     it = iter(jobs)  # shared: next() on a list iterator is atomic under the GIL
@@ -487,12 +493,14 @@ def _into_mapping(mv: memoryview, fd: int, hint: int, decode) -> int | None:
         return None  # no space, not mappable (a write-only descriptor), no address space
     try:
         with _Pinned(mv) as src, _Pinned(out) as dst:
-            helper = _Worker.start(_populate, dst, hint) if _PARALLEL > 1 else None
+            helper = None
             try:
+                if _PARALLEL > 1:
+                    helper = _Worker.start(_populate, dst, hint)
                 result = decode(dst, hint, src)
             finally:
                 if helper is not None:
-                    helper.stop = True
+                    helper.stop = True  # it only faults pages in ahead: no work lost
                     helper.join()
     finally:
         _close_quietly(out)
@@ -528,6 +536,8 @@ def _close_quietly(mapping) -> None:
 
 # libdeflate.h enum libdeflate_result.
 _LIBDEFLATE_SUCCESS = 0
+# RFC 1952 2.3.1: FLG bit 1, a CRC16 of the header follows it.
+_GZIP_FHCRC = 0x02
 
 
 def _libdeflate():
@@ -557,6 +567,8 @@ def _gzip_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
     lib = _libdeflate()
     if lib is None or len(mv) < 18:  # RFC 1952: 10-byte header, 8-byte trailer
         return None
+    if mv[3] & _GZIP_FHCRC:
+        return None  # libdeflate skips the header CRC unchecked; zlib checks it
     # ISIZE (RFC 1952 2.3.1: the input size modulo 2^32) ends the member,
     # and a bzImage's gzip payload ends with its member (Linux appends no
     # size for gzip). A hint only: the decoder checks ISIZE and CRC32 itself.
