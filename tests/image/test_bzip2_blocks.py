@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import itertools
 import mmap
 import os
 import random
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tracemalloc
 
 import pytest
 
@@ -426,3 +428,127 @@ def test_long_runs_under_child_address_space_limit(tmp_path):
     expected = hashlib.sha256(zeros).hexdigest()
     del zeros
     assert _run_child(tmp_path, stream, 2) == [expected, "0"]
+
+
+# --- work and memory bounded by the input ----------------------------------------
+
+
+class _EndSearch:
+    """Counts what the end-magic finder was asked to search and what it returned."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        self.bytes = 0
+        self.hits = 0
+        real = bzip2_blocks._MagicFinder.find
+
+        def find(finder, view, lo, hi, **kwargs):
+            found = real(finder, view, lo, hi, **kwargs)
+            if finder.magic == END_MAGIC:
+                self.calls += 1
+                self.bytes += max(0, min(hi, len(view)) - lo)
+                self.hits += len(found)
+            return found
+
+        monkeypatch.setattr(bzip2_blocks._MagicFinder, "find", find)
+
+
+def test_many_empty_streams_scan_linearly(stream1, text1, monkeypatch, no_serial):
+    # Each empty stream's end magic used to be found by searching from there
+    # to the end of the input (and listing every end magic left): quadratic.
+    count = 2000
+    data = stream1 + bz2.compress(b"", 9) * count
+    search = _EndSearch(monkeypatch)
+    assert _decode(data, workers=2) == text1
+    # One search per stream, each up to the stream's end magic only.
+    assert search.hits <= count + 2
+    assert search.calls <= 2 * count + 40
+    assert search.bytes <= 2 * len(data) + (count + 40) * bzip2_blocks.END_FIRST_WINDOW
+
+
+def test_end_magics_in_trailing_junk_are_not_listed(stream1, text1, monkeypatch, no_serial):
+    # 3 MB of end magics after the stream: only the stream's own is looked at.
+    junk = END_MAGIC.to_bytes(6, "big") * 500_000
+    search = _EndSearch(monkeypatch)
+    tracemalloc.start()
+    try:
+        assert _decode(stream1 + junk, workers=2) == text1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert search.hits <= 2
+    assert search.bytes <= len(stream1) + 2 * bzip2_blocks.SCAN_WINDOW
+    # Listing them all took ~40 bytes each (20 MB); a few blocks in flight
+    # and a scan window take a few MB.
+    assert peak < 10_000_000
+
+
+def _append_bits(stream: bytes, fields: list[tuple[int, int]]) -> bytes:
+    """``stream`` up to its end magic, then ``fields`` (value, bits), padded to a byte."""
+    [end] = _magics(stream, END_MAGIC)
+    value, nbits = int.from_bytes(stream, "big") >> (len(stream) * 8 - end), end
+    for field, width in fields:
+        value, nbits = (value << width) | field, nbits + width
+    pad = -nbits % 8
+    return (value << pad).to_bytes((nbits + pad) // 8, "big")
+
+
+def test_piece_longer_than_a_block_is_left_to_serial(stream1, monkeypatch):
+    # A block magic, then more than any block can hold, then an end magic:
+    # re-wrapping that "block" would copy it several times over.
+    junk_bits = bzip2_blocks.MAX_PIECE_BITS + 8000
+    data = _append_bits(
+        stream1,
+        [(BLOCK_MAGIC, 48), (0x12345678, 32), (0, junk_bits), (END_MAGIC, 48), (0, 32)],
+    )
+    rewrapped: list[int] = []
+    real_rewrap = bzip2_blocks._rewrap
+
+    def rewrap(view, piece):
+        rewrapped.append(piece.end - piece.start)
+        return real_rewrap(view, piece)
+
+    monkeypatch.setattr(bzip2_blocks, "_rewrap", rewrap)
+    before = bzip2_blocks.SERIAL_FALLBACKS
+    with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
+        _decode(data, workers=2)
+    with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
+        _decode(data, workers=1)
+    assert bzip2_blocks.SERIAL_FALLBACKS == before + 1
+    assert rewrapped and max(rewrapped) <= bzip2_blocks.MAX_PIECE_BITS
+
+
+def test_piece_at_most_the_bound_is_still_decoded_in_parallel(no_serial):
+    # The bound is above any real block: level-9 blocks of random bytes
+    # (stored at ~8.03 bits per byte, the longest blocks an encoder writes)
+    # still decode on threads.
+    noise = random.Random(5).randbytes(2_000_000)
+    stream = bz2.compress(noise, 9)
+    starts = _magics(stream, BLOCK_MAGIC) + _magics(stream, END_MAGIC)[-1:]
+    assert max(b - a for a, b in itertools.pairwise(starts)) > 7_000_000
+    assert _decode(stream, workers=2) == noise
+
+
+def test_pending_pieces_are_bounded(stream1, text1, monkeypatch, no_serial):
+    # Empty streams take no worker; they used to be planned all at once.
+    live = 0
+    peak = 0
+
+    class Piece(bzip2_blocks._Piece):
+        def __init__(self, *args, **kwargs):
+            nonlocal live, peak
+            super().__init__(*args, **kwargs)
+            live += 1
+            peak = max(peak, live)
+
+        def __del__(self):
+            nonlocal live
+            live -= 1
+
+    monkeypatch.setattr(bzip2_blocks, "_Piece", Piece)
+    empty = bz2.compress(b"", 9)
+    data = stream1 + empty * 1000 + stream1 + empty * 1000
+    assert _decode(data, workers=2) == text1 + text1
+    window = 2 + 1  # workers + 1
+    # Plus the few held by the look-ahead and the loop variables; it was ~2000.
+    assert peak <= bzip2_blocks.PENDING_PER_WINDOW * window + 8

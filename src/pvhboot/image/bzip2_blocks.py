@@ -64,6 +64,29 @@ OUT_CHUNK = 1 << 20
 # a step at a time just ahead of the blocks being decoded, so it overlaps
 # the decoding instead of delaying the first block (~3 ms per MiB).
 SCAN_WINDOW = 1 << 20
+# End magics are searched for only up to the first one (see _Scanner.next_end),
+# in windows that start this small and double up to SCAN_WINDOW: an empty
+# stream is 14 bytes, so a whole window per stream would cost more than the
+# stream, and one window per search bounds the work to what was skipped.
+END_FIRST_WINDOW = 1 << 10
+# The longest piece between two magics that can still be one block; a longer
+# one is left to the serial decoder (re-wrapping copies a piece several times,
+# so an unbounded "block" of junk would cost several times its size). A
+# level-9 block holds at most 900 000 BWT bytes, so at most 900 001 coded
+# symbols (runs of zeros take fewer symbols than bytes, plus the end-of-block
+# symbol), each at most 20 bits (the longest Huffman code): 18.0 Mbit. Add
+# the head (magic, CRC, randomised bit, origPtr: 105 bits), the symbol map
+# (16 + 256 bits), the group and selector counts (3 + 15 bits), at most
+# 32 767 selectors of at most 6 bits (unary, 6 tables): 0.2 Mbit, and the 6
+# tables' code lengths (258 symbols, a 5-bit start and at most 19 two-bit
+# steps and a stop bit each): 0.07 Mbit. About 18.3 Mbit = 2.3 MB; 4 MiB
+# leaves room. (libbz2 would also take code lengths padded with up-and-down
+# steps, which no encoder writes; the serial decoder still decodes those.)
+MAX_PIECE_BITS = (4 << 20) * 8
+# Pieces pulled ahead of the one being delivered, per block in flight: an
+# end piece (an empty stream) takes no worker, so without this bound a run
+# of them would all be planned at once.
+PENDING_PER_WINDOW = 4
 # Blocks in flight: one per worker plus one decoded ahead (measured as fast
 # as two per worker). Each holds its whole output until its turn: normally
 # ~2 MB, but up to ~45 MB for a block of long runs (a big zero-filled area),
@@ -157,7 +180,7 @@ def _consume(view, pieces: Iterator[_Piece], pool: _Pool, put, *, window: int) -
     emitted = 0  # its output bytes already given to put
     combined = 0
     while True:
-        while more and in_flight < window:
+        while more and in_flight < window and len(pending) < PENDING_PER_WINDOW * window:
             piece = next(pieces, None)
             if piece is None:
                 more = False
@@ -263,8 +286,11 @@ class _MagicFinder:
         used = {byte for pattern in self.shifts for byte in pattern}
         self.table = bytes(1 if value in used else 0 for value in range(256))
 
-    def find(self, view, lo: int, hi: int) -> list[int]:
-        """Bit offsets of the magic at byte-granular ``i`` in [lo, hi), ascending."""
+    def find(self, view, lo: int, hi: int, *, first: bool = False) -> list[int]:
+        """Bit offsets of the magic at byte-granular ``i`` in [lo, hi), ascending.
+
+        With ``first``, only the first one (the search stops there).
+        """
         size, shifts, magic, run = len(view), self.shifts, self.magic, self.RUN
         end = size * 8
         found = []
@@ -281,6 +307,8 @@ class _MagicFinder:
                     pos = ((lo + j - 1) << 3) + shift
                     if pos + MAGIC_BITS <= end and _bits(view, pos, MAGIC_BITS) == magic:
                         found.append(pos)
+                        if first:
+                            return found
                 j = marks.find(run, j + 1, step - lo + 4)
             lo = step
         # In order of i; within one i at most one shift matches.
@@ -329,11 +357,34 @@ class _Scanner:
         if block is not None and not self._header_before(block):
             return block, _BLOCK
         limit = (block - HEADER_BYTES * 8) if block is not None else self.size * 8
-        ends = self.ends.find(self.view, (pos >> 3) + 1, ((limit + 7) >> 3) + 1)
-        for end in ends:
-            if end >= pos:
-                return end, _END
+        end = self.next_end(pos, limit)
+        if end is not None:
+            return end, _END
         return None if block is None else (block, _BLOCK)
+
+    def next_end(self, pos: int, limit: int) -> int | None:
+        """The first end magic at bit offset >= ``pos`` that starts before ``limit``.
+
+        Searched from ``pos`` on and only up to the first one, in growing
+        windows: each stream's search ends where its end magic is, so many
+        empty streams or junk full of end magics cost what was skipped over,
+        not the rest of the input each time.
+        """
+        lo = (pos >> 3) + 1  # byte index i (see _MagicFinder) of a magic at pos
+        hi = ((limit + 7) >> 3) + 1
+        window = END_FIRST_WINDOW
+        while lo < hi:
+            step = min(hi, lo + window)
+            found = self.ends.find(self.view, lo, step, first=True)
+            if found and found[0] < pos:
+                # At pos's own byte index but a few bits before pos (an
+                # index holds at most one): look on from the next index.
+                found = self.ends.find(self.view, lo + 1, step, first=True)
+            if found:
+                return found[0]
+            lo = step
+            window = min(window * 2, SCAN_WINDOW)
+        return None
 
     def _header_before(self, pos: int) -> bool:
         byte = pos >> 3
@@ -363,6 +414,9 @@ def _plan(view, scanner: _Scanner) -> Iterator[_Piece]:
             start = magic[0]
             magic = scanner.next_at(start + BLOCK_HEAD_BITS)
             if magic is None:  # no end magic: truncated (libbz2 will say so)
+                yield _Piece(_BAD, byte)
+                return
+            if magic[0] - start > MAX_PIECE_BITS:  # not one block: libbz2 will say why
                 yield _Piece(_BAD, byte)
                 return
             crc = _bits(view, start + MAGIC_BITS, CRC_BITS)
