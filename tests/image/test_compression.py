@@ -610,14 +610,15 @@ def test_multi_block_bzip2_goes_through_the_block_decoder(monkeypatch, tmp_path)
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("codec", ["gzip", "lz4", "zstd"])
+@pytest.mark.parametrize("codec", ["gzip", "lz4", "zstd", "lzo"])
 def test_fd_paths_without_the_system_libraries(codec, monkeypatch, sample, streams, tmp_path):
-    # A machine without libdeflate, libzstd or liblz4: the same bytes, from
-    # the Python codecs (lz4 then uses the copy inside the lz4 extension).
-    from pvhboot.image import compression_fd
+    # A machine without libdeflate, libzstd, liblzo2 or liblz4: the same
+    # bytes, from the Python codecs (lz4 then uses the copy inside the lz4
+    # extension, lzo lzallright).
+    from pvhboot.image import compression, compression_fd
 
-    monkeypatch.setattr(compression_fd, "_SYSTEM_LIBS",
-                        {"libzstd.so.1": None, "libdeflate.so.0": None})
+    monkeypatch.setattr(compression, "_SYSTEM_LIBS", {
+        "libzstd.so.1": None, "libdeflate.so.0": None, "liblzo2.so.2": None})
     monkeypatch.setattr(compression_fd, "_lz4_safe_fn", None)
     import ctypes
 
@@ -759,3 +760,22 @@ def test_fd_lzo_with_too_many_blocks_streams_instead(monkeypatch, tmp_path):
     finally:
         os.close(fd)
     assert _to_file("lzo", stream, tmp_path) == raw
+
+
+def test_lzo_block_that_expands_past_its_header_is_refused_without_growing(tmp_path):
+    # A block whose header says 1 KiB but whose data decodes to 1 MiB: liblzo2
+    # stops at the 1 KiB it was given (lzallright would grow its buffer).
+    from pvhboot.image import compression
+
+    if compression._system_lib("liblzo2.so.2", compression._declare_lzo) is None:
+        pytest.skip("no liblzo2.so.2")
+    big = bytes(1 << 20)
+    stream = _cli(["lzop", "-c"], big)
+    with memoryview(stream) as mv:
+        jobs = list(compression._lzop_blocks(mv, LIMIT))
+        block, data, u_len, d_sums, c_sums = jobs[0]
+        assert len(data) < u_len  # a compressed block
+        with pytest.raises(CodecError, match="block 0: it decodes to more than its header says"):
+            compression._lzop_decode(block, data, 1024, (), ())
+        assert bytes(compression._lzop_decode(block, data, u_len, d_sums, c_sums)) == \
+            big[:u_len]

@@ -150,6 +150,27 @@ def codec_error(codec: str, exc: Exception) -> CodecError:
     return CodecError(f"{codec} stream is corrupt: {_one_line(exc)}")
 
 
+_SYSTEM_LIBS: dict = {}  # soname -> CDLL or None
+
+
+def _system_lib(soname: str, declare):
+    """The shared library ``soname`` through ctypes, or None when it is
+    missing or ``declare(lib, ctypes)`` (which sets the prototypes) finds it
+    unsuitable. Looked up once per process."""
+    if soname not in _SYSTEM_LIBS:
+        lib = None
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(soname)
+            if not declare(lib, ctypes):
+                lib = None
+        except (OSError, AttributeError):  # not installed, or a symbol is missing
+            lib = None
+        _SYSTEM_LIBS[soname] = lib
+    return _SYSTEM_LIBS[soname]
+
+
 def decompress_bytes(codec: str, src, *, max_output: int) -> bytes:
     """Like :func:`decompress_to`, into memory (for small streams only)."""
     import io
@@ -517,10 +538,74 @@ def _lzop_blocks(mv: memoryview, max_output: int):
         block += 1
 
 
-def _lzop_decode(block: int, data: memoryview, u_len: int, d_sums, c_sums):
-    """One lzop block, decoded and checked (lzallright releases the GIL)."""
-    from lzallright import LZOCompressor, LZOError
+# liblzo2's lzo_init() (lzo/lzoconf.h) passes these sizes to __lzo_init_v2,
+# which refuses a caller whose idea of the ABI differs from the library's:
+# LZO_VERSION 2.10; short, int, long, lzo_uint32_t, lzo_uint, the dict
+# entry (a pointer), char *, lzo_voidp and lzo_callback_t (three function
+# pointers, a pointer and two lzo_xint: six words on x86-64).
+_LZO_VERSION = 0x20A0
+_LZO_INIT_SIZES = (2, 4, 8, 4, 8, 8, 8, 8, 48)
+_LZO_E_OK = 0
+# lzo/lzoconf.h error codes a hostile or damaged block can give.
+_LZO_ERRORS = {
+    -4: "its data ends early (input overrun)",
+    -5: "it decodes to more than its header says (output overrun)",
+    -6: "it refers to data before its start (lookbehind overrun)",
+    -8: "it has data after its end (input not consumed)",
+}
 
+
+def _declare_lzo(lib, ctypes) -> bool:
+    init = lib.__lzo_init_v2
+    init.restype = ctypes.c_int
+    init.argtypes = (ctypes.c_uint,) + (ctypes.c_int,) * len(_LZO_INIT_SIZES)
+    if ctypes.sizeof(ctypes.c_void_p) != 8 or init(_LZO_VERSION, *_LZO_INIT_SIZES) != _LZO_E_OK:
+        return False
+    fn = lib.lzo1x_decompress_safe
+    fn.restype = ctypes.c_int
+    fn.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p,
+                   ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p)
+    return True
+
+
+_lzo_buffers = None  # per thread: (capacity, buffer, its address)
+
+
+def _lzo1x_into(data, u_len: int):
+    """The block decoded by liblzo2's lzo1x_decompress_safe into exactly
+    u_len bytes (what lzop itself runs), or None without liblzo2.
+
+    lzallright's decoder grows its output past the size it is given, so a
+    block claiming 2 MiB could make it allocate hundreds; this one stops at
+    the capacity (LZO_E_OUTPUT_OVERRUN) and releases the GIL meanwhile.
+    The result is a view of this thread's reused buffer (faulting in a
+    fresh one per block cost more than the decoding): it is valid until
+    this thread decodes the next block, and every caller writes it first.
+    """
+    global _lzo_buffers
+    lib = _system_lib("liblzo2.so.2", _declare_lzo)
+    if lib is None:
+        return None
+    import ctypes
+
+    if _lzo_buffers is None:
+        import _thread
+
+        _lzo_buffers = _thread._local()
+    have = getattr(_lzo_buffers, "slot", None)
+    if have is None or have[0] < u_len:
+        # u_len <= LZOP_MAX_BLOCK (64 MiB), checked by _lzop_blocks.
+        buf = ctypes.create_string_buffer(max(u_len, 1))
+        have = _lzo_buffers.slot = (max(u_len, 1), buf, ctypes.addressof(buf))
+    got = ctypes.c_size_t(u_len)
+    rc = lib.lzo1x_decompress_safe(bytes(data), len(data), have[2], ctypes.byref(got), None)
+    if rc != _LZO_E_OK:
+        raise ValueError(_LZO_ERRORS.get(rc, f"liblzo2 error {rc}"))
+    return memoryview(have[1]).cast("B")[: got.value]
+
+
+def _lzop_decode(block: int, data: memoryview, u_len: int, d_sums, c_sums):
+    """One lzop block, decoded and checked (both decoders release the GIL)."""
     for want, fn, name in c_sums:
         if fn(data) != want:
             raise CodecError(f"lzo stream is corrupt: block {block} fails its {name} check")
@@ -528,9 +613,18 @@ def _lzop_decode(block: int, data: memoryview, u_len: int, d_sums, c_sums):
         chunk = data  # stored: lzop keeps blocks that would not shrink as they are
     else:
         try:
-            chunk = LZOCompressor.decompress(data, output_size_hint=u_len)
-        except LZOError as exc:
-            raise CodecError(f"lzo stream is corrupt: block {block}: {_one_line(exc)}") from None
+            chunk = _lzo1x_into(data, u_len)
+        except ValueError as exc:
+            raise CodecError(f"lzo stream is corrupt: block {block}: {exc}") from None
+        if chunk is None:
+            from lzallright import LZOCompressor, LZOError
+
+            try:
+                chunk = LZOCompressor.decompress(data, output_size_hint=u_len)
+            except LZOError as exc:
+                raise CodecError(
+                    f"lzo stream is corrupt: block {block}: {_one_line(exc)}"
+                ) from None
         if len(chunk) != u_len:
             raise CodecError(
                 f"lzo stream is corrupt: block {block} gives {len(chunk)} bytes, "

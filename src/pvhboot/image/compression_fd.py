@@ -18,6 +18,7 @@ from .compression import (
     _lz4_blocks,
     _lzop_blocks,
     _lzop_decode,
+    _system_lib,
     _too_big,
     _zstd_frame_end,
     codec_error,
@@ -181,25 +182,6 @@ def pwrite_all(fd: int, data, offset: int) -> None:
             offset += n
 
 
-_SYSTEM_LIBS: dict = {}
-
-
-def _system_lib(soname: str, declare):
-    """The shared library ``soname`` through ctypes, or None when it is
-    missing or ``declare(lib, ctypes)`` (which sets the prototypes) finds it
-    unsuitable. Looked up once per process."""
-    if soname not in _SYSTEM_LIBS:
-        lib = None
-        try:
-            import ctypes
-
-            lib = ctypes.CDLL(soname)
-            if not declare(lib, ctypes):
-                lib = None
-        except (OSError, AttributeError):  # not installed, or a symbol is missing
-            lib = None
-        _SYSTEM_LIBS[soname] = lib
-    return _SYSTEM_LIBS[soname]
 
 
 def decompress_to_fd(codec: str, src, fd: int, *, max_output: int) -> int:
