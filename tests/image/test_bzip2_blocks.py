@@ -243,8 +243,8 @@ def test_false_split_injected_falls_back(stream9, text9, monkeypatch):
     third = _magics(stream9, BLOCK_MAGIC)[2]
     fake = third + 12345  # inside the third block
 
-    def next_at(self, pos):
-        hit = real_next_at(self, pos)
+    def next_at(self, pos, horizon=None):
+        hit = real_next_at(self, pos, horizon)
         if pos <= fake and (hit is None or hit[0] > fake):
             return (fake, bzip2_blocks._BLOCK)
         return hit
@@ -434,9 +434,9 @@ def test_long_runs_under_child_address_space_limit(tmp_path):
 
 
 class _EndSearch:
-    """Counts what the end-magic finder was asked to search and what it returned."""
+    """Counts what a magic finder was asked to search and what it returned."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, magic: int = END_MAGIC):
         self.calls = 0
         self.bytes = 0
         self.hits = 0
@@ -444,7 +444,7 @@ class _EndSearch:
 
         def find(finder, view, lo, hi, **kwargs):
             found = real(finder, view, lo, hi, **kwargs)
-            if finder.magic == END_MAGIC:
+            if finder.magic == magic:
                 self.calls += 1
                 self.bytes += max(0, min(hi, len(view)) - lo)
                 self.hits += len(found)
@@ -496,7 +496,7 @@ def _append_bits(stream: bytes, fields: list[tuple[int, int]]) -> bytes:
 def test_piece_longer_than_a_block_is_left_to_serial(stream1, monkeypatch):
     # A block magic, then more than any block can hold, then an end magic:
     # re-wrapping that "block" would copy it several times over.
-    junk_bits = bzip2_blocks.MAX_PIECE_BITS + 8000
+    junk_bits = 3 * bzip2_blocks.MAX_PIECE_BITS
     data = _append_bits(
         stream1,
         [(BLOCK_MAGIC, 48), (0x12345678, 32), (0, junk_bits), (END_MAGIC, 48), (0, 32)],
@@ -509,9 +509,15 @@ def test_piece_longer_than_a_block_is_left_to_serial(stream1, monkeypatch):
         return real_rewrap(view, piece)
 
     monkeypatch.setattr(bzip2_blocks, "_rewrap", rewrap)
+    blocks, ends = _EndSearch(monkeypatch, BLOCK_MAGIC), _EndSearch(monkeypatch, END_MAGIC)
     before = bzip2_blocks.SERIAL_FALLBACKS
     with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
         _decode(data, workers=2)
+    # The junk is searched no further than a block can reach (not to the end).
+    reach = len(stream1) + bzip2_blocks.MAX_PIECE_BITS // 8 + bzip2_blocks.SCAN_WINDOW
+    assert len(data) > reach + bzip2_blocks.MAX_PIECE_BITS // 8
+    assert blocks.bytes <= reach + bzip2_blocks.SCAN_WINDOW
+    assert ends.bytes <= 2 * reach
     with pytest.raises(CodecError, match=r"^bzip2 stream is corrupt"):
         _decode(data, workers=1)
     assert bzip2_blocks.SERIAL_FALLBACKS == before + 1

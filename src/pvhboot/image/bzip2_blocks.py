@@ -339,8 +339,12 @@ class _Scanner:
         self.found.extend(self.blocks.find(self.view, self.next_index, hi))
         self.next_index = hi
 
-    def next_block(self, pos: int) -> int | None:
-        """The first block magic at bit offset >= ``pos``, or None."""
+    def next_block(self, pos: int, horizon: int | None = None) -> int | None:
+        """The first block magic at bit offset >= ``pos``, or None.
+
+        With ``horizon``, None also when there is none up to that bit offset
+        (the search stops past it).
+        """
         from bisect import bisect_left
 
         while True:
@@ -349,14 +353,26 @@ class _Scanner:
                 return self.found[k]
             if self.next_index >= self.size:
                 return None
+            # Magics at byte indexes below next_index start before its byte.
+            if horizon is not None and (self.next_index - 1) * 8 > horizon:
+                return None
             self._scan_more()
 
-    def next_at(self, pos: int) -> tuple[int, int] | None:
-        """The next (bit offset, kind) a stream can continue with at or after ``pos``."""
-        block = self.next_block(pos)
+    def next_at(self, pos: int, horizon: int | None = None) -> tuple[int, int] | None:
+        """The next (bit offset, kind) a stream can continue with at or after ``pos``.
+
+        With ``horizon``, nothing past that bit offset is searched: the
+        answer is None or anything past it when nothing comes before it.
+        (An end magic found before it then stands even if a block magic
+        without a header follows later; if that end is one by chance, the
+        piece before it fails its CRC in libbz2, as any false split does.)
+        """
+        block = self.next_block(pos, horizon)
         if block is not None and not self._header_before(block):
             return block, _BLOCK
         limit = (block - HEADER_BYTES * 8) if block is not None else self.size * 8
+        if horizon is not None:
+            limit = min(limit, horizon)
         end = self.next_end(pos, limit)
         if end is not None:
             return end, _END
@@ -406,17 +422,20 @@ def _plan(view, scanner: _Scanner) -> Iterator[_Piece]:
         return
     while True:
         level = view[byte + 3] - 0x30
-        magic = scanner.next_at((byte + HEADER_BYTES) * 8)
-        if magic is None or magic[0] != (byte + HEADER_BYTES) * 8:
+        first = (byte + HEADER_BYTES) * 8
+        # The stream's first magic must be right there: look no further.
+        magic = scanner.next_at(first, first + 1)
+        if magic is None or magic[0] != first:
             yield _Piece(_BAD, byte)
             return
         while magic[1] == _BLOCK:
             start = magic[0]
-            magic = scanner.next_at(start + BLOCK_HEAD_BITS)
-            if magic is None:  # no end magic: truncated (libbz2 will say so)
-                yield _Piece(_BAD, byte)
-                return
-            if magic[0] - start > MAX_PIECE_BITS:  # not one block: libbz2 will say why
+            # A piece longer than MAX_PIECE_BITS is not decoded on threads,
+            # so the search need not look further (junk is not all scanned).
+            magic = scanner.next_at(start + BLOCK_HEAD_BITS, start + MAX_PIECE_BITS)
+            # No end magic (truncated), or the next magic is further than a
+            # block can reach (not one block): libbz2 will say why.
+            if magic is None or magic[0] - start > MAX_PIECE_BITS:
                 yield _Piece(_BAD, byte)
                 return
             crc = _bits(view, start + MAGIC_BITS, CRC_BITS)
