@@ -619,7 +619,7 @@ def test_fd_paths_without_the_system_libraries(codec, monkeypatch, sample, strea
 
     monkeypatch.setattr(compression, "_SYSTEM_LIBS", {
         "libzstd.so.1": None, "libdeflate.so.0": None, "liblzo2.so.2": None})
-    monkeypatch.setattr(compression_fd, "_lz4_safe_fn", None)
+    monkeypatch.setattr(compression, "_lz4_safe_fn", None)
     import ctypes
 
     real_cdll = ctypes.CDLL

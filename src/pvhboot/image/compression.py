@@ -290,6 +290,37 @@ _LZ4_SKIPPABLE_MASK, _LZ4_SKIPPABLE = 0xFFFFFFF0, 0x184D2A50
 _SIZE_TRAILER = 4
 
 
+_lz4_safe_fn = None
+
+
+def _lz4_safe():
+    """LZ4_decompress_safe through ctypes (which releases the GIL), or None.
+
+    From the system's liblz4 (what the lz4 CLI links) when there is one:
+    as fast as the copy the lz4 extension links in, and found without
+    importing the lz4 package (~0.8 ms); else from that extension.
+    """
+    global _lz4_safe_fn
+    if _lz4_safe_fn is None:
+        _lz4_safe_fn = False
+        import ctypes
+
+        for where in ("liblz4.so.1", None):
+            try:
+                if where is None:
+                    from lz4.block import _block
+
+                    where = _block.__file__
+                fn = ctypes.CDLL(where).LZ4_decompress_safe
+            except (ImportError, OSError, AttributeError):
+                continue
+            fn.restype = ctypes.c_int
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+            _lz4_safe_fn = fn
+            break
+    return _lz4_safe_fn or None
+
+
 _lz4_decode = None  # built on first use, then reused with its buffers
 
 
@@ -298,22 +329,14 @@ def _lz4_block_decoder():
 
     ``lz4.block.decompress`` allocates a fresh 8 MiB result per block, and
     faulting those pages in costs more than the decompression itself (about
-    60 ms against 8 ms on Debian's 53 MB kernel). So when the lz4 extension
-    exports ``LZ4_decompress_safe`` (it links liblz4 statically and does),
-    call it through ctypes into one reused buffer; it never reads past the
-    source size nor writes past the capacity it is given.
+    60 ms against 8 ms on Debian's 53 MB kernel). So when
+    ``LZ4_decompress_safe`` is there (:func:`_lz4_safe`), call it into one
+    reused buffer; it never reads past the source size nor writes past the
+    capacity it is given.
     """
-    import lz4.block
-
-    try:
-        import ctypes
-
-        from lz4.block import _block
-
-        fn = ctypes.CDLL(_block.__file__).LZ4_decompress_safe
-    except (ImportError, OSError, AttributeError):
-        fn = None
+    fn = _lz4_safe()
     if fn is None:
+        import lz4.block
 
         def slow(src: memoryview):
             try:
@@ -322,8 +345,8 @@ def _lz4_block_decoder():
                 raise ValueError(_one_line(exc)) from None
 
         return slow
-    fn.restype = ctypes.c_int
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    import ctypes
+
     inbuf = bytearray(LZ4_LEGACY_MAX_CBLOCK)
     outbuf = bytearray(LZ4_LEGACY_BLOCK)
     in_addr = ctypes.addressof((ctypes.c_char * len(inbuf)).from_buffer(inbuf))

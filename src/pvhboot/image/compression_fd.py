@@ -16,6 +16,7 @@ from .compression import (
     LZ4_LEGACY_BLOCK,
     ZSTD_MAX_WINDOW,
     _lz4_blocks,
+    _lz4_safe,
     _lzop_blocks,
     _lzop_decode,
     _system_lib,
@@ -227,35 +228,6 @@ def _on_two_threads(work) -> None:
 # --- lz4 into a file: blocks decoded on two threads ----------------------------
 
 
-_lz4_safe_fn = None
-
-
-def _lz4_safe():
-    """LZ4_decompress_safe through ctypes (which releases the GIL), or None.
-
-    From the system's liblz4 (what the lz4 CLI links) when there is one:
-    as fast as the copy the lz4 extension links in, and found without
-    importing the lz4 package (~0.8 ms); else from that extension.
-    """
-    global _lz4_safe_fn
-    if _lz4_safe_fn is None:
-        _lz4_safe_fn = False
-        import ctypes
-
-        for where in ("liblz4.so.1", None):
-            try:
-                if where is None:
-                    from lz4.block import _block
-
-                    where = _block.__file__
-                fn = ctypes.CDLL(where).LZ4_decompress_safe
-            except (ImportError, OSError, AttributeError):
-                continue
-            fn.restype = ctypes.c_int
-            fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
-            _lz4_safe_fn = fn
-            break
-    return _lz4_safe_fn or None
 
 
 def _lz4_to_fd(mv: memoryview, fd: int, max_output: int) -> int | None:
