@@ -131,7 +131,11 @@ class Machine:
         self.echo_console = echo_console
         self.host_quirks = host_quirks
         self.use_cache = use_cache
-        self.system_map = None if system_map is None else _readable_file(system_map, "System.map")
+        if system_map is not None:
+            from .boot.prepare import readable_file
+
+            system_map = readable_file(system_map, "System.map")
+        self.system_map = system_map
         self.stop_on = stop_on
         if stop_on is not None:
             import re
@@ -673,22 +677,3 @@ def _open_console_log(path: str):
             f"cannot write the console log {path}: {exc.strerror or exc}; "
             "give a writable file path"
         ) from None
-
-
-def _readable_file(path, what: str) -> str:
-    """``path`` as str if it is a readable regular file; else BootError, one line."""
-    import os
-    import stat
-
-    from .errors import BootError
-
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise BootError(
-            f"cannot read the {what} {path}: {exc.strerror or exc}; give the right path"
-        ) from None
-    if not stat.S_ISREG(st.st_mode) or not os.access(path, os.R_OK):
-        raise BootError(f"cannot read the {what} {path}: not a readable file; give the right path")
-    return str(path)

@@ -61,18 +61,23 @@ class PreparedBoot(Record):
         self.vmlinux = vmlinux
 
 
-def _check_file(path: str, what: str) -> str:
-    """The path as str; BootError (one line) when it is missing, not a file or unreadable."""
+def readable_file(path, what: str) -> str:
+    """The path as str; BootError (one line) when it is missing, not a file or unreadable.
+
+    For every file a boot reads: the kernel, the initrd, a System.map.
+    """
     path = os.fspath(path)
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise BootError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise BootError(
+            f"cannot read the {what} {path}: {exc.strerror or exc}; give the right path"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
         raise BootError(f"the {what} {path} is not a regular file: give the path of the file")
     if not os.access(path, os.R_OK):
         raise BootError(f"cannot read the {what} {path}: permission denied")
-    return path
+    return str(path)
 
 
 # Names of the ELF e_machine values (System V gABI) that a PC guest cannot run.
@@ -133,9 +138,9 @@ def prepare_boot(
     """Pick the boot path for ``kernel`` and plan it. See the module docstring."""
     if boot not in BOOT_MODES:
         raise UsageError(f"--boot {boot!r} is not a boot path: choose one of {', '.join(BOOT_MODES)}")
-    kernel = _check_file(kernel, "kernel")
+    kernel = readable_file(kernel, "kernel")
     if initrd is not None:
-        initrd = _check_file(initrd, "initrd")
+        initrd = readable_file(initrd, "initrd")
 
     from ..image.kernel import open_image
 

@@ -246,57 +246,61 @@ class GuestMemory:
                     f"{chunk.label} at [{chunk.addr:#x}, {chunk.end:#x}) ({chunk.size} bytes) "
                     f"is outside guest RAM {self.describe()}: give the guest more memory (--memory)"
                 )
-        for chunk in chunks:
-            if isinstance(chunk.source, FileRange):
-                self._load_file_range(chunk.addr, chunk.source)
-            else:
-                self.write(chunk.addr, chunk.source)
-                self.stats.copied_bytes += len(chunk.source)
-            # Bytes between the data and chunk.size stay zero: they lie in
-            # anonymous RAM never written before, or in a copied tail page
-            # (file mappings cover only pages wholly inside the data), so an
-            # explicit memset would only cost RSS.
-            self.stats.zeroed_bytes += chunk.size - chunk.data_length
+        files: dict[str, tuple[int, int]] = {}  # path -> (fd, size): each kernel opened once
+        try:
+            for chunk in chunks:
+                if isinstance(chunk.source, FileRange):
+                    self._load_file_range(chunk.addr, chunk.source, files)
+                else:
+                    self.write(chunk.addr, chunk.source)
+                    self.stats.copied_bytes += len(chunk.source)
+                # Bytes between the data and chunk.size stay zero: they lie in
+                # anonymous RAM never written before, or in a copied tail page
+                # (file mappings cover only pages wholly inside the data), so an
+                # explicit memset would only cost RSS.
+                self.stats.zeroed_bytes += chunk.size - chunk.data_length
+        finally:
+            for fd, _ in files.values():
+                os.close(fd)
         return self.stats
 
-    def _load_file_range(self, gpa: int, src: FileRange) -> None:
-        fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            file_size = os.fstat(fd).st_size
-            if src.offset < 0 or src.offset + src.length > file_size:
-                raise BootError(
-                    f"{src.path}: bytes [{src.offset:#x}, {src.offset + src.length:#x}) "
-                    f"are past the end of the file ({file_size} bytes)"
-                )
-            start, end = gpa, gpa + src.length
-            map_start = _align_up(start, PAGE_SIZE)
-            map_end = _align_down(end, PAGE_SIZE)
-            congruent = (gpa - src.offset) % PAGE_SIZE == 0
-            if not congruent or map_end <= map_start:
-                self._copy_from_file(fd, gpa, src.offset, src.length)
-                return
-            # unaligned head and tail are copied; whole pages in between are mapped
-            if map_start > start:
-                self._copy_from_file(fd, start, src.offset, map_start - start)
-            if end > map_end:
-                self._copy_from_file(fd, map_end, src.offset + (map_end - start), end - map_end)
-            host = self.host_address(map_start, map_end - map_start)
-            file_off = src.offset + (map_start - start)
-            got = _mmap(
-                host,
-                map_end - map_start,
-                PROT_READ | PROT_WRITE,
-                MAP_PRIVATE | MAP_FIXED,
-                fd,
-                file_off,
+    def _load_file_range(self, gpa: int, src: FileRange, files: dict) -> None:
+        if src.path not in files:
+            fd = os.open(src.path, os.O_RDONLY | os.O_CLOEXEC)
+            files[src.path] = (fd, os.fstat(fd).st_size)
+        fd, file_size = files[src.path]
+        if src.offset < 0 or src.offset + src.length > file_size:
+            raise BootError(
+                f"{src.path}: bytes [{src.offset:#x}, {src.offset + src.length:#x}) "
+                f"are past the end of the file ({file_size} bytes)"
             )
-            if got != host:
-                err = ctypes.get_errno()
-                raise BootError(f"cannot map {src.path} into guest RAM: {os.strerror(err)}")
-            self.stats.mapped_bytes += map_end - map_start
-            self.stats.mappings += 1
-        finally:
-            os.close(fd)
+        start, end = gpa, gpa + src.length
+        map_start = _align_up(start, PAGE_SIZE)
+        map_end = _align_down(end, PAGE_SIZE)
+        congruent = (gpa - src.offset) % PAGE_SIZE == 0
+        if not congruent or map_end <= map_start:
+            self._copy_from_file(fd, gpa, src.offset, src.length)
+            return
+        # unaligned head and tail are copied; whole pages in between are mapped
+        if map_start > start:
+            self._copy_from_file(fd, start, src.offset, map_start - start)
+        if end > map_end:
+            self._copy_from_file(fd, map_end, src.offset + (map_end - start), end - map_end)
+        host = self.host_address(map_start, map_end - map_start)
+        file_off = src.offset + (map_start - start)
+        got = _mmap(
+            host,
+            map_end - map_start,
+            PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_FIXED,
+            fd,
+            file_off,
+        )
+        if got != host:
+            err = ctypes.get_errno()
+            raise BootError(f"cannot map {src.path} into guest RAM: {os.strerror(err)}")
+        self.stats.mapped_bytes += map_end - map_start
+        self.stats.mappings += 1
 
     def _copy_from_file(self, fd: int, gpa: int, offset: int, length: int) -> None:
         off = self._host_offset(gpa, length)

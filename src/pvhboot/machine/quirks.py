@@ -39,12 +39,20 @@ CLEARCPUID_FEATURES = ("xsave", "cx16", "smap", "erms", "fsrm", "popcnt")
 CLEARCPUID = "clearcpuid=" + ",".join(CLEARCPUID_FEATURES)
 
 # EFLAGS bits (SDM vol. 1, 3.4.3).
+RFLAGS_CF = 1 << 0
+RFLAGS_PF = 1 << 2
+RFLAGS_AF = 1 << 4
+RFLAGS_ZF = 1 << 6
+RFLAGS_SF = 1 << 7
 RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
+RFLAGS_OF = 1 << 11
 RFLAGS_NT = 1 << 14
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 RFLAGS_AC = 1 << 18
+# The flags the bit-manipulation instructions define (SDM vol. 1, 3.4.3.1).
+RFLAGS_ARITH = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
 # What an interrupt or exception clears on entry (SDM vol. 3A, 6.12.1.3);
 # IF only through an interrupt gate.
 RFLAGS_CLEARED_ON_EVENT = RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM
@@ -71,15 +79,6 @@ _GPR_WIDTH: dict[str, tuple[str, int]] = {
     **{f"r{i}d": (f"r{i}", 4) for i in range(8, 16)},
     **{f"r{i}w": (f"r{i}", 2) for i in range(8, 16)},
 }
-
-# Flags the bit-manipulation instructions define (SDM vol. 1, 3.4.3.1).
-RFLAGS_CF = 1 << 0
-RFLAGS_PF = 1 << 2
-RFLAGS_AF = 1 << 4
-RFLAGS_ZF = 1 << 6
-RFLAGS_SF = 1 << 7
-RFLAGS_OF = 1 << 11
-RFLAGS_ARITH = RFLAGS_CF | RFLAGS_PF | RFLAGS_AF | RFLAGS_ZF | RFLAGS_SF | RFLAGS_OF
 
 # BMI1/BMI2/LZCNT/POPCNT/MOVBE: register-to-register (or memory-source)
 # instructions the PVM emulator lacks but that a guest uses before it parses
