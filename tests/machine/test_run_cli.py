@@ -3,6 +3,7 @@ run through the CLI as a user runs it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -64,6 +65,33 @@ HELLO = """
 @pytest.fixture(scope="module")
 def hello(tmp_path_factory):
     return build_probe(tmp_path_factory.mktemp("probe"), HELLO, "hello")
+
+
+@contextlib.contextmanager
+def _running(*args, env=None):
+    """``pvhboot run ARGS`` as a child with piped output; killed if still alive at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pvhboot", "run", *map(str, args)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _gzip_wrapped_no_cache(tmp_path, elf):
+    """(ELF.gz, an empty TMPDIR, the env pointing at it): a --no-cache run
+    extracts to a temporary file there, which the tests watch."""
+    import gzip
+
+    wrapped = tmp_path / (os.path.basename(str(elf)) + ".gz")
+    wrapped.write_bytes(gzip.compress(open(elf, "rb").read()))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return wrapped, tmp, dict(os.environ, TMPDIR=str(tmp), PVHBOOT_CACHE=str(tmp_path / "cache"))
 
 
 def _err_lines(proc) -> list[str]:
@@ -282,13 +310,7 @@ def test_cli_main_in_process_returns_the_status(hello, capfd):
 def test_no_cache_temporary_is_removed_despite_the_fast_exit(hello, tmp_path):
     # A gzip-wrapped vmlinux with --no-cache is extracted to a temporary file
     # that atexit removes; the CLI's fast exit must still run that.
-    import gzip
-
-    wrapped = tmp_path / "hello.elf.gz"
-    wrapped.write_bytes(gzip.compress(open(hello, "rb").read()))
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), PVHBOOT_CACHE=str(tmp_path / "cache"))
+    wrapped, tmp, env = _gzip_wrapped_no_cache(tmp_path, hello)
     proc = subprocess.run(
         [sys.executable, "-m", "pvhboot", "run", "--kernel", str(wrapped), "--no-cache", "--quiet"],
         capture_output=True, env=env, timeout=120, check=False,
@@ -327,28 +349,14 @@ def test_signal_ends_the_run_cleanly_and_no_cache_temporary_is_gone(tmp_path, si
     # stdin is not a TTY, so machine/console.py's raw-mode handlers are not
     # installed: the run path's own handlers must end the run (128+signal),
     # and the --no-cache temporary must be unlinked once the kernel is mapped.
-    import gzip
-
     probe = build_probe(tmp_path, SPIN_AFTER_READY, "ready")
-    wrapped = tmp_path / "ready.elf.gz"
-    wrapped.write_bytes(gzip.compress(open(probe, "rb").read()))
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = dict(os.environ, TMPDIR=str(tmp), PVHBOOT_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pvhboot", "run", "--kernel", str(wrapped), "--no-cache",
-         "--quiet", "--memory", "128M", "--timeout", "120"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    try:
+    wrapped, tmp, env = _gzip_wrapped_no_cache(tmp_path, probe)
+    with _running("--kernel", wrapped, "--no-cache", "--quiet", "--memory", "128M",
+                  "--timeout", "120", env=env) as proc:
         assert proc.stdout.readline() == b"r\n"  # the guest runs (and then halts)
         assert list(tmp.iterdir()) == []  # unlinked while the guest still runs
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + sig, err
     assert list(tmp.iterdir()) == []
     assert err == b""  # --quiet: the status says it
@@ -358,19 +366,10 @@ def test_signal_ends_the_run_cleanly_and_no_cache_temporary_is_gone(tmp_path, si
 @needs_toolchain
 def test_signal_says_so_in_one_line_without_quiet(tmp_path):
     probe = build_probe(tmp_path, SPIN_AFTER_READY, "ready")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pvhboot", "run", "--kernel", probe, "--no-host-quirks",
-         "--memory", "128M"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
+    with _running("--kernel", probe, "--no-host-quirks", "--memory", "128M") as proc:
         assert proc.stdout.readline() == b"r\n"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM
     assert err.decode().splitlines()[-1] == "pvhboot: stopped by SIGTERM"
 
@@ -400,12 +399,8 @@ def test_signal_during_preparation_says_so_and_leaves_nothing(tmp_path, debian_g
     # one line (unless --quiet), 128+signal, the child gone, no cache files.
     cache = tmp_path / "cache"
     env = dict(os.environ, PVHBOOT_CACHE=str(cache))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pvhboot", "run", "--kernel", debian_generic_kernel.vmlinuz,
-         "--memory", "128M", "--timeout", "20", *(["--quiet"] if quiet else [])],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    try:
+    with _running("--kernel", debian_generic_kernel.vmlinuz, "--memory", "128M",
+                  "--timeout", "20", *(["--quiet"] if quiet else []), env=env) as proc:
         child = []
         for _ in range(2000):  # the decompression child appears within ~0.1 s
             child = _children(proc.pid)
@@ -415,10 +410,6 @@ def test_signal_during_preparation_says_so_and_leaves_nothing(tmp_path, debian_g
         assert child, "no decompression child was seen"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     lines = err.decode().splitlines()
     if quiet:
